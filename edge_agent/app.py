@@ -1,0 +1,180 @@
+"""Composition root: builds every part from config, recovers after a crash, starts and stops.
+
+Startup order: folders -> store (migrations) -> crash recovery -> listener -> workers.
+Shutdown (SIGTERM/SIGINT): stop accepting associations, let in-flight ones finish (up to
+``dicom.shutdown_grace_s``), stop workers, drain the store writer, write the clean-stop marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sqlite3
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from edge_agent.clock import Clock, SystemClock
+from edge_agent.config import Config
+from edge_agent.dicom_listener import DicomListener
+from edge_agent.metrics import Metrics, create_metrics
+from edge_agent.store import Spool, Store
+from edge_agent.studies.ingest import Ingestor
+from edge_agent.studies.worker import AssemblyWorker
+
+log = logging.getLogger(__name__)
+
+CLEAN_STOP_MARKER = "clean-stop"
+STATUS_NONE = -1  # quarantine rows for data that was never answered at all
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    clean_stop: bool
+    partials_removed: int
+    orphans_quarantined: int
+    missing_files: int
+
+
+def prepare_dirs(cfg: Config) -> Spool:
+    """Create the data folders (idempotent) and return the hot spool."""
+    s = cfg.storage
+    for name in ("hot_dir", "warm_dir", "cold_dir", "quarantine_dir"):
+        s.path(name).mkdir(parents=True, exist_ok=True)
+    spool = Spool(s.path("hot_dir"), fsync=s.fsync)
+    spool.prepare()
+    return spool
+
+
+def _insert_orphan(conn: sqlite3.Connection, *, row: tuple[object, ...]) -> None:
+    conn.execute(
+        "INSERT INTO quarantine (received_at, status, reason, sha256, size_bytes, path) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        row,
+    )
+
+
+class EdgeApp:
+    """The running agent. Use :meth:`open`, then :meth:`serve` (async) or the parts directly."""
+
+    def __init__(
+        self, cfg: Config, *, clock: Clock | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics or create_metrics()
+        s = cfg.storage
+        self.spool = prepare_dirs(cfg)
+        self.data_dir = Path(s.data_dir)
+        self.store = Store(self.data_dir / s.database, fsync_dirs=s.fsync)
+        self.recovery = self._recover()
+        self.ingestor = Ingestor(
+            store=self.store,
+            spool=self.spool,
+            quarantine_dir=s.path("quarantine_dir"),
+            clock=self.clock,
+            metrics=self.metrics,
+            min_free_bytes=s.min_free_mb * 2**20,
+        )
+        self.listener = DicomListener(
+            cfg.dicom,
+            ingestor=self.ingestor,
+            store=self.store,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
+        self.assembly = AssemblyWorker(
+            cfg.studies, store=self.store, clock=self.clock, metrics=self.metrics
+        )
+
+    def _recover(self) -> RecoveryReport:
+        """Undo what a crash left half-done. Nothing acknowledged is ever touched: a file that
+        has no committed row was never acknowledged, so it is moved to quarantine, not used."""
+        marker = self.data_dir / CLEAN_STOP_MARKER
+        clean = marker.exists()
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+        partials = self.spool.remove_partials()
+        orphans = missing = 0
+        if not clean:
+            known = {
+                str(r[0]) for r in self.store.query("SELECT path FROM instances WHERE tier = 'hot'")
+            }
+            qdir = self.cfg.storage.path("quarantine_dir") / "orphans"
+            for path in self.spool.iter_objects():
+                rel = path.relative_to(self.spool.root).as_posix()
+                if rel in known:
+                    continue
+                qdir.mkdir(parents=True, exist_ok=True)
+                dest = qdir / path.name
+                path.replace(dest)
+                row = (
+                    self.clock.now(),
+                    STATUS_NONE,
+                    "orphan: written before a crash but never committed or acknowledged",
+                    dest.stem,
+                    dest.stat().st_size,
+                    f"orphans/{dest.name}",
+                )
+                self.store.writer.call(partial(_insert_orphan, row=row))
+                orphans += 1
+            for r in self.store.query("SELECT path FROM instances WHERE tier = 'hot'"):
+                if not (self.spool.root / str(r[0])).exists():
+                    missing += 1
+        report = RecoveryReport(clean, partials, orphans, missing)
+        level = logging.INFO if clean and not missing else logging.WARNING
+        log.log(
+            level,
+            "startup recovery",
+            extra={
+                "clean_stop": clean,
+                "partials_removed": partials,
+                "orphans_quarantined": orphans,
+                "missing_files": missing,
+            },
+        )
+        if missing:
+            log.error(
+                "instances in the store have no file on the hot tier", extra={"count": missing}
+            )
+        return report
+
+    def close(self) -> None:
+        """Drain the writer, close the store and mark a clean stop."""
+        self.store.close()
+        (self.data_dir / CLEAN_STOP_MARKER).write_text(
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n"
+        )
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down cleanly."""
+        self.listener.start()
+        worker = asyncio.create_task(self.assembly.run(stop), name="assembly")
+        log.info("edge agent ready", extra={"port": self.listener.port})
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: refusing new associations, finishing in-flight ones")
+            aborted = await asyncio.to_thread(self.listener.stop)
+            stop.set()
+            await worker
+            await asyncio.to_thread(self.close)
+            log.info("edge agent stopped", extra={"aborted_associations": aborted})
+
+
+def run(cfg: Config) -> int:
+    """Run the agent in the foreground until SIGTERM/SIGINT. Returns the exit code."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        app = await asyncio.to_thread(EdgeApp, cfg)
+        await app.serve(stop)
+
+    asyncio.run(main())
+    return 0

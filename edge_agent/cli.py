@@ -1,0 +1,316 @@
+"""The ``edge-agent`` command.
+
+Examples::
+
+    edge-agent init /srv/edge --port 11112 --ae-title EDGE --allow PACS@10.1.2.0/24
+    edge-agent check-config --config /srv/edge/edge-agent.toml
+    edge-agent run --config /srv/edge/edge-agent.toml
+    edge-agent studies --config /srv/edge/edge-agent.toml --state COMPLETE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from edge_agent import __version__
+from edge_agent.config import Config, load_config
+from edge_agent.errors import ConfigError, EdgeError
+
+CONFIG_NAME = "edge-agent.toml"
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 1 error, 2 bad config/usage)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"edge-agent: configuration error in {exc.field}: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except EdgeError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Hospital edge agent: receives DICOM, assembles studies, keeps them safe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::", 1)[1] if __doc__ else None,
+    )
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=f"{help_}\n\nexample:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    sp = add(
+        "init",
+        "write a commented default config and create the data folders",
+        "edge-agent init /srv/edge --port 11112 --ae-title EDGE --allow PACS@10.0.0.0/8",
+    )
+    sp.add_argument("dir", type=Path, help="folder for the config file and data")
+    sp.add_argument("--port", type=int, default=11112)
+    sp.add_argument("--ae-title", default="EDGE_AGENT")
+    sp.add_argument("--bind-address", default="0.0.0.0")
+    sp.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="AE[@HOST]",
+        help="allowed calling AE title, optionally @IP or @CIDR (repeatable; "
+        "default: STORESCU and ECHOSCU from anywhere)",
+    )
+    sp.add_argument("--quiet-period", type=float, default=10.0, metavar="SECONDS")
+    sp.add_argument("--min-free-mb", type=int, default=1024)
+    sp.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    sp.set_defaults(func=_cmd_init)
+
+    sp = add(
+        "run",
+        "run the agent in the foreground until SIGTERM",
+        "edge-agent run --config /srv/edge/edge-agent.toml",
+    )
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_run)
+
+    sp = add(
+        "check-config",
+        "validate a config file (and EDGE_* overrides); name the bad field",
+        "edge-agent check-config --config /srv/edge/edge-agent.toml",
+    )
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_check)
+
+    sp = add(
+        "studies",
+        "list studies with their state and counts",
+        "edge-agent studies --config /srv/edge/edge-agent.toml --state COMPLETE",
+    )
+    _config_arg(sp)
+    sp.add_argument("--state", choices=["RECEIVING", "COMPLETE"])
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=_cmd_studies)
+
+    sp = add(
+        "quarantine",
+        "list rejected instances and why",
+        "edge-agent quarantine --config /srv/edge/edge-agent.toml",
+    )
+    _config_arg(sp)
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_quarantine)
+
+    sp = add(
+        "associations",
+        "audit trail: who connected, from where, what they sent",
+        "edge-agent associations --config /srv/edge/edge-agent.toml --limit 20",
+    )
+    _config_arg(sp)
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_associations)
+    return p
+
+
+def _config_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help=f"config file (default: $EDGE_CONFIG, else ./{CONFIG_NAME})",
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("EDGE_CONFIG") or Path(CONFIG_NAME)
+    return load_config(path)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    root: Path = args.dir
+    cfg_path = root / CONFIG_NAME
+    if cfg_path.exists() and not args.force:
+        print(f"edge-agent: {cfg_path} exists (use --force to overwrite)", file=sys.stderr)
+        return EXIT_ERROR
+    callers = args.allow or ["STORESCU", "ECHOSCU"]
+    lines = []
+    for c in callers:
+        ae, _, host = c.partition("@")
+        entry = f'ae_title = "{ae}"' + (f', host = "{host}"' if host else "")
+        lines.append(f"  {{ {entry} }},")
+    template = Template(
+        resources.files("edge_agent").joinpath("default_config.toml").read_text("utf-8")
+    )
+    text = template.substitute(
+        ae_title=args.ae_title,
+        bind_address=args.bind_address,
+        port=args.port,
+        allowed_callers="\n".join(lines),
+        data_dir="data",
+        min_free_mb=args.min_free_mb,
+        quiet_period_s=float(args.quiet_period),
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(text, encoding="utf-8")
+    cfg = load_config(cfg_path)  # validate what we wrote
+    from edge_agent.app import prepare_dirs
+
+    prepare_dirs(cfg)
+    print(f"wrote {cfg_path}")
+    print(f"data folders under {cfg.storage.data_dir}")
+    print(f"start with: edge-agent run --config {cfg_path}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from edge_agent.app import run
+    from edge_agent.logs import setup_logging
+
+    setup_logging(cfg.logging.level, json_format=cfg.logging.json)
+    return run(cfg)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    d, s = cfg.dicom, cfg.storage
+    callers = (
+        "any"
+        if d.allow_any_caller
+        else ", ".join(c.ae_title + (f"@{c.host}" if c.host else "") for c in d.allowed_callers)
+    )
+    print("configuration OK")
+    print(
+        f"  AE title {d.ae_title} on {d.bind_address}:{d.port}, TLS "
+        f"{'on' if d.tls.enabled else 'off'}, up to {d.max_associations} associations"
+    )
+    print(f"  allowed callers: {callers}")
+    print(f"  data: {s.data_dir} (hot {s.path('hot_dir')}, floor {s.min_free_mb} MiB)")
+    print(f"  studies complete after {cfg.studies.quiet_period_s:g} s quiet")
+    return EXIT_OK
+
+
+def _open_store(cfg: Config) -> Any:
+    from edge_agent.store import Store
+
+    db = Path(cfg.storage.data_dir) / cfg.storage.database
+    if not db.exists():
+        raise EdgeError(f"no database at {db}: has the agent run yet? (edge-agent run)")
+    return Store(db)
+
+
+def _fmt_time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from edge_agent.studies.models import StudyState
+    from edge_agent.studies.store import list_studies
+
+    store = _open_store(_load(args))
+    try:
+        state = StudyState(args.state) if args.state else None
+        studies = list_studies(store.reader(), state=state, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([s.__dict__ for s in studies], indent=2, default=str))
+        return EXIT_OK
+    if not studies:
+        print("no studies yet")
+        return EXIT_OK
+    header = (
+        f"{'STUDY INSTANCE UID':<46} {'STATE':<10} {'MOD':<4} {'SER':>3} {'INST':>5} "
+        f"{'LATE':>4} {'PATIENT ID':<12} {'LAST RECEIVED':<19}"
+    )
+    print(header)
+    for s in studies:
+        print(
+            f"{s.study_uid[:46]:<46} {s.state.value:<10} {s.modality[:4]:<4} "
+            f"{s.series_count:>3} {s.instance_count:>5} {s.late_arrivals:>4} "
+            f"{s.patient_id[:12]:<12} {_fmt_time(s.last_received_at):<19}"
+        )
+    return EXIT_OK
+
+
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    try:
+        rows = [
+            dict(r)
+            for r in store.query(
+                "SELECT * FROM quarantine ORDER BY received_at DESC LIMIT ?", (args.limit,)
+            )
+        ]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("quarantine is empty")
+        return EXIT_OK
+    qdir = cfg.storage.path("quarantine_dir")
+    for r in rows:
+        status = "none" if r["status"] < 0 else f"0x{r['status']:04X}"
+        print(
+            f"{_fmt_time(r['received_at'])}  {status}  from {r['calling_ae'] or '-'}"
+            f"@{r['peer_host'] or '-'}  {r['reason']}"
+        )
+        print(f"    file: {qdir / r['path']}")
+    return EXIT_OK
+
+
+def _cmd_associations(args: argparse.Namespace) -> int:
+    store = _open_store(_load(args))
+    try:
+        rows = [
+            dict(r)
+            for r in store.query(
+                "SELECT * FROM associations ORDER BY started_at DESC LIMIT ?", (args.limit,)
+            )
+        ]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no associations yet")
+        return EXIT_OK
+    for r in rows:
+        why = f" ({r['reject_reason']})" if r["reject_reason"] else ""
+        print(
+            f"{_fmt_time(r['started_at'])}  {r['calling_ae']:<16} {r['peer_host']}:"
+            f"{r['peer_port']:<6} {r['outcome']}{why}  stored={r['received']} "
+            f"dup={r['duplicates']} failed={r['failed']} refused={r['refused']}"
+        )
+    return EXIT_OK

@@ -1,0 +1,401 @@
+"""Configuration: frozen dataclasses loaded once from a TOML file plus ``EDGE_*`` overrides.
+
+Every setting has a documented default, unit and limit. :func:`load_config` reads the file,
+applies environment overrides (``EDGE_<SECTION>_<FIELD>``, e.g. ``EDGE_DICOM_PORT=11112``,
+``EDGE_DICOM_TLS_ENABLED=true``) and validates; any problem raises :class:`ConfigError`
+naming the dotted field (``dicom.port``). Unknown keys and unknown ``EDGE_*`` variables are
+errors too, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from edge_agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AllowedCaller:
+    """One peer allowed to open associations.
+
+    ``ae_title``: the calling AE title (exact match, trailing spaces ignored).
+    ``host``: optional IP address or CIDR network the peer must connect from; empty = any.
+    """
+
+    ae_title: str
+    host: str = ""
+
+    def matches(self, ae_title: str, peer_ip: str) -> bool:
+        """True if a peer calling as ``ae_title`` from ``peer_ip`` is this caller."""
+        if ae_title.strip() != self.ae_title.strip():
+            return False
+        if not self.host:
+            return True
+        try:
+            return ipaddress.ip_address(peer_ip) in ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """DICOM TLS (PS3.15 B.1). Off by default; when on, cert and key are required.
+
+    ``ca_file``: if set, peers must present a client certificate signed by this CA.
+    """
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomConfig:
+    """The DICOM listener.
+
+    ``ae_title``: our AE title (1-16 chars). ``bind_address``/``port``: where to listen.
+    ``max_associations``: concurrent associations (1-256); more are rejected
+    "local limit exceeded" (transient). ``require_called_ae_title``: reject associations
+    addressed to another AE title. ``allowed_callers``: the allow-list; an empty list rejects
+    everyone unless ``allow_any_caller`` is true. Timeouts are in seconds.
+    ``max_pdu_bytes``: largest PDU we accept (0 = unlimited).
+    """
+
+    ae_title: str = "EDGE_AGENT"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 16
+    require_called_ae_title: bool = True
+    allow_any_caller: bool = False
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu_bytes: int = 262_144
+    shutdown_grace_s: float = 30.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """Where data lives. Relative directories are resolved against ``data_dir``.
+
+    ``hot_dir``/``warm_dir``/``cold_dir``: the storage tiers (separate mounts in production).
+    ``quarantine_dir``: rejected inputs, kept with their reason. ``database``: the SQLite file.
+    ``min_free_mb``: free-space floor on the hot tier in MiB; below it C-STORE answers 0xA700.
+    ``fsync``: must stay true in production; tests of the fsync cost itself may turn it off.
+    """
+
+    data_dir: str = "/var/lib/edge-agent"
+    database: str = "edge.db"
+    hot_dir: str = "hot"
+    warm_dir: str = "warm"
+    cold_dir: str = "cold"
+    quarantine_dir: str = "quarantine"
+    min_free_mb: int = 1024
+    fsync: bool = True
+
+    def path(self, name: str) -> Path:
+        """Resolve one of this section's path settings against ``data_dir``."""
+        p = Path(getattr(self, name))
+        return p if p.is_absolute() else Path(self.data_dir) / p
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudiesConfig:
+    """Study assembly.
+
+    ``quiet_period_s``: a study is complete when nothing arrived for this long (seconds).
+    ``quiet_period_by_modality``: per-modality overrides, e.g. ``{CT = 20}``.
+    ``check_interval_s``: how often the assembly worker looks for complete studies.
+    """
+
+    quiet_period_s: float = 10.0
+    quiet_period_by_modality: Mapping[str, float] = field(default_factory=dict)
+    check_interval_s: float = 0.5
+
+    def quiet_period_for(self, modality: str) -> float:
+        """The quiet period in seconds for a study of ``modality``."""
+        return float(self.quiet_period_by_modality.get(modality.upper(), self.quiet_period_s))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """``level``: DEBUG|INFO|WARNING|ERROR. ``json``: one JSON object per line (default)."""
+
+    level: str = "INFO"
+    json: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole agent configuration."""
+
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    studies: StudiesConfig = field(default_factory=StudiesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Load ``path`` (TOML; ``None`` = defaults only), apply ``EDGE_*`` overrides from ``env``
+    (default ``os.environ``), validate, and return the frozen :class:`Config`.
+
+    Relative ``storage.data_dir`` is resolved against the config file's folder.
+
+    Raises :class:`ConfigError` naming the bad field.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from exc
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{p} is not valid TOML: {exc}") from exc
+        base = p.resolve().parent
+    _apply_env(raw, env)
+    cfg: Config = _build(Config, raw, "")
+    if not Path(cfg.storage.data_dir).is_absolute():
+        storage = dataclasses.replace(cfg.storage, data_dir=str(base / cfg.storage.data_dir))
+        cfg = dataclasses.replace(cfg, storage=storage)
+    validate(cfg)
+    return cfg
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    known = dict(_env_names(Config, ()))
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "EDGE_CONFIG":
+            continue
+        if name not in known:
+            raise ConfigError(name, "unknown EDGE_* environment variable")
+        path = known[name]
+        node = raw
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path), "environment override conflicts with the file")
+            node = child
+        node[path[-1]] = _EnvValue(value)
+
+
+class _EnvValue(str):
+    """A string from the environment, converted to the field's type when built."""
+
+
+def _env_names(cls: type[Any], prefix: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    out: list[tuple[str, tuple[str, ...]]] = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        path = (*prefix, f.name)
+        if dataclasses.is_dataclass(t):
+            out.extend(_env_names(t, path))  # type: ignore[arg-type]
+        else:
+            out.append((ENV_PREFIX + "_".join(path).upper(), path))
+    return out
+
+
+def _build(cls: type[Any], raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(where or "config", "must be a table")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_join(where, key), "unknown setting")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _convert(hints[f.name], raw[f.name], _join(where, f.name))
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(t: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(t):
+        return _build(t, value, where)  # type: ignore[arg-type]
+    if t is bool:
+        if isinstance(value, _EnvValue):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(where, f"expected true/false, got {value!r}")
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"expected true/false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, _EnvValue):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ConfigError(where, f"expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, _EnvValue):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(where, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"expected a string, got {value!r}")
+        return str(value)
+    if t == tuple[AllowedCaller, ...]:
+        return _callers(value, where)
+    if t == Mapping[str, float]:
+        if isinstance(value, _EnvValue):
+            value = _parse_pairs(value, where)
+        if not isinstance(value, dict):
+            raise ConfigError(where, "expected a table of NAME = seconds")
+        return {str(k).upper(): _convert(float, v, f"{where}.{k}") for k, v in value.items()}
+    raise ConfigError(where, f"unsupported setting type {t!r}")  # pragma: no cover
+
+
+def _parse_pairs(value: str, where: str) -> dict[str, _EnvValue]:
+    out: dict[str, _EnvValue] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, sep, num = part.partition("=")
+        if not sep:
+            raise ConfigError(where, f"expected NAME=seconds pairs, got {part!r}")
+        out[name.strip()] = _EnvValue(num)
+    return out
+
+
+def _callers(value: Any, where: str) -> tuple[AllowedCaller, ...]:
+    """Accept a TOML array of tables/strings, or (from env) ``"AE[@host],AE2"``."""
+    items: list[Any]
+    if isinstance(value, _EnvValue):
+        items = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(where, "expected a list of callers")
+    out: list[AllowedCaller] = []
+    for i, item in enumerate(items):
+        here = f"{where}[{i}]"
+        if isinstance(item, str):
+            ae, _, host = item.partition("@")
+            out.append(AllowedCaller(ae_title=ae.strip(), host=host.strip()))
+        elif isinstance(item, dict):
+            out.append(_build(AllowedCaller, item, here))
+        else:
+            raise ConfigError(here, "expected a table {ae_title=..., host=...} or 'AE@host'")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config) -> None:
+    """Check limits and cross-field rules; raise :class:`ConfigError` naming the field."""
+    d = cfg.dicom
+    _check_ae("dicom.ae_title", d.ae_title)
+    if not 1 <= d.port <= 65535:
+        raise ConfigError("dicom.port", f"must be 1..65535, got {d.port}")
+    try:
+        ipaddress.ip_address(d.bind_address)
+    except ValueError:
+        raise ConfigError("dicom.bind_address", f"not an IP address: {d.bind_address!r}") from None
+    if not 1 <= d.max_associations <= 256:
+        raise ConfigError("dicom.max_associations", f"must be 1..256, got {d.max_associations}")
+    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "shutdown_grace_s"):
+        v = getattr(d, name)
+        if not 0 < v <= 3600:
+            raise ConfigError(f"dicom.{name}", f"must be in (0, 3600] seconds, got {v}")
+    if d.max_pdu_bytes != 0 and not 4096 <= d.max_pdu_bytes <= 2**32 - 1:
+        raise ConfigError("dicom.max_pdu_bytes", "must be 0 (unlimited) or 4096..4294967295")
+    if not d.allowed_callers and not d.allow_any_caller:
+        raise ConfigError(
+            "dicom.allowed_callers",
+            "is empty and dicom.allow_any_caller is false: every association would be rejected",
+        )
+    for i, c in enumerate(d.allowed_callers):
+        _check_ae(f"dicom.allowed_callers[{i}].ae_title", c.ae_title)
+        if c.host:
+            try:
+                ipaddress.ip_network(c.host, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"dicom.allowed_callers[{i}].host", f"not an IP address or CIDR: {c.host!r}"
+                ) from None
+    if d.tls.enabled:
+        for name in ("cert_file", "key_file"):
+            v = getattr(d.tls, name)
+            if not v:
+                raise ConfigError(f"dicom.tls.{name}", "required when dicom.tls.enabled is true")
+            if not Path(v).is_file():
+                raise ConfigError(f"dicom.tls.{name}", f"file not found: {v}")
+        if d.tls.ca_file and not Path(d.tls.ca_file).is_file():
+            raise ConfigError("dicom.tls.ca_file", f"file not found: {d.tls.ca_file}")
+
+    s = cfg.storage
+    if not s.data_dir:
+        raise ConfigError("storage.data_dir", "must not be empty")
+    for name in ("database", "hot_dir", "warm_dir", "cold_dir", "quarantine_dir"):
+        if not getattr(s, name):
+            raise ConfigError(f"storage.{name}", "must not be empty")
+    tiers = {name: s.path(name).resolve() for name in ("hot_dir", "warm_dir", "cold_dir")}
+    tiers["quarantine_dir"] = s.path("quarantine_dir").resolve()
+    seen: dict[Path, str] = {}
+    for name, p in tiers.items():
+        if p in seen:
+            raise ConfigError(f"storage.{name}", f"is the same folder as storage.{seen[p]}")
+        seen[p] = name
+    if s.min_free_mb < 0:
+        raise ConfigError("storage.min_free_mb", f"must be >= 0 MiB, got {s.min_free_mb}")
+
+    st = cfg.studies
+    if not 0 < st.quiet_period_s <= 86400:
+        raise ConfigError(
+            "studies.quiet_period_s", f"must be in (0, 86400] s, got {st.quiet_period_s}"
+        )
+    for mod, v in st.quiet_period_by_modality.items():
+        if not 0 < v <= 86400:
+            raise ConfigError(f"studies.quiet_period_by_modality.{mod}", "must be in (0, 86400] s")
+    if not 0 < st.check_interval_s <= 60:
+        raise ConfigError("studies.check_interval_s", "must be in (0, 60] seconds")
+
+    if cfg.logging.level.upper() not in _LOG_LEVELS:
+        raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+
+
+def _check_ae(where: str, value: str) -> None:
+    if not value.strip() or not _AE_RE.match(value):
+        raise ConfigError(where, f"not a valid AE title (1-16 printable ASCII, no '\\'): {value!r}")

@@ -1,0 +1,65 @@
+"""The edge agent's error tree, classified by what the caller should do.
+
+::
+
+    EdgeError                      base of everything raised on purpose
+    ├── ConfigError                bad configuration: fix the file/env and restart (names the field)
+    ├── TransientError             retry later; nothing is wrong with the input
+    │   └── OutOfResources         disk below its floor or full (ENOSPC): DICOM status 0xA700
+    ├── PermanentError             the input is bad; retrying will not help: tell a person
+    │   └── InvalidInstance        a C-STORE dataset we cannot accept: status 0xC0xx, quarantined
+    ├── UntrustedError             reject and alert (tampered model, bad signature; later issues)
+    └── StoreError                 the SQLite store itself is unusable (migration, corruption)
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base class for every error the edge agent raises on purpose."""
+
+
+class ConfigError(EdgeError):
+    """A configuration value is invalid.
+
+    ``field`` is the dotted path of the offending setting (``dicom.port``), so the
+    operator knows exactly what to fix.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TransientError(EdgeError):
+    """Retrying later may succeed."""
+
+
+class OutOfResources(TransientError):
+    """Storage is below its free-space floor or the filesystem is full."""
+
+
+class PermanentError(EdgeError):
+    """The input is bad; retrying the same input will fail the same way."""
+
+
+class InvalidInstance(PermanentError):
+    """A received DICOM instance cannot be accepted.
+
+    ``status`` is the DIMSE failure status to answer with (0xC000 range) and ``reason`` a
+    short, human-readable explanation that goes into the Error Comment and the quarantine row.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class UntrustedError(EdgeError):
+    """Input failed a trust check: reject it and alert."""
+
+
+class StoreError(EdgeError):
+    """The SQLite store cannot be opened, migrated or written."""

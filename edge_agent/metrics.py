@@ -1,0 +1,62 @@
+"""Prometheus metrics of the agent, on a registry owned by the app (no module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    instances: Counter
+    associations: Counter
+    active_associations: Gauge
+    out_of_resources: Counter
+    store_seconds: Histogram
+    studies_completed: Counter
+    studies_reopened: Counter
+
+
+def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    """Create every metric of the agent on ``registry`` (a new one by default)."""
+    reg = registry or CollectorRegistry()
+    return Metrics(
+        registry=reg,
+        instances=Counter(
+            "edge_dicom_instances_total",
+            "C-STORE requests by outcome (stored, duplicate, new_version, quarantined, refused)",
+            ["outcome"],
+            registry=reg,
+        ),
+        associations=Counter(
+            "edge_dicom_associations_total",
+            "Association requests by outcome (accepted, rejected)",
+            ["outcome"],
+            registry=reg,
+        ),
+        active_associations=Gauge(
+            "edge_dicom_active_associations", "Associations open now", registry=reg
+        ),
+        out_of_resources=Counter(
+            "edge_dicom_out_of_resources_total",
+            "C-STORE answered 0xA700 because the hot tier was below its free-space floor or full",
+            registry=reg,
+        ),
+        store_seconds=Histogram(
+            "edge_dicom_store_seconds",
+            "Time from dataset received to status ready (write, fsync, commit)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=reg,
+        ),
+        studies_completed=Counter(
+            "edge_studies_completed_total",
+            "Studies moved to COMPLETE, by reason",
+            ["reason"],
+            registry=reg,
+        ),
+        studies_reopened=Counter(
+            "edge_studies_reopened_total", "Late arrivals that re-opened a study", registry=reg
+        ),
+    )

@@ -1,0 +1,256 @@
+"""The single SQLite system of record: one file, WAL mode, one writer thread.
+
+Writes go through :class:`Writer`, a single thread that owns the only write connection. It
+takes every request waiting in its queue, runs each in its own SAVEPOINT inside one
+transaction, fsyncs the directories the batch depends on, and commits once (group commit).
+A request's future resolves only after that commit is durable (``synchronous=FULL``), so a
+caller that waited on it may acknowledge the data to the outside world.
+
+Reads use one connection per thread (:meth:`Store.reader`); WAL lets them run beside the
+writer without blocking it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from edge_agent.errors import StoreError
+from edge_agent.store.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], Any]
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open ``path`` with the pragmas every connection of the agent uses.
+
+    Autocommit mode (``isolation_level=None``): transactions are explicit ``BEGIN``/``COMMIT``.
+    """
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"cannot put {path} in WAL mode (got {mode})")
+            # FULL: a commit is on disk when COMMIT returns; we acknowledge C-STOREs on it.
+            conn.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from exc
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@dataclass
+class _Request:
+    fn: WriteFn
+    future: Future[Any]
+    sync_dirs: tuple[Path, ...] = ()
+
+
+@dataclass
+class WriterStats:
+    """Counters of the writer's work, for benchmarks and metrics."""
+
+    transactions: int = 0
+    requests: int = 0
+    max_batch: int = 0
+    dir_fsyncs: int = 0
+    failures: int = 0
+
+
+class Writer:
+    """The one writer thread. See the module docstring for the batching contract."""
+
+    def __init__(self, path: Path, *, max_batch: int = 512, fsync_dirs: bool = True) -> None:
+        self._path = path
+        self._max_batch = max_batch
+        self._fsync_dirs = fsync_dirs
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._conn = connect(path)
+        self._closed = threading.Event()
+        self.stats = WriterStats()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: WriteFn, *, sync_dirs: Iterable[Path] = ()) -> Future[Any]:
+        """Queue ``fn(conn)`` to run inside the next transaction.
+
+        ``sync_dirs``: directories to fsync before that transaction commits (e.g. the folder a
+        file was just renamed into), so the row never becomes durable before the file does.
+        The returned future holds ``fn``'s result once the transaction has committed, or the
+        exception ``fn`` (or the commit) raised. Raises :class:`StoreError` if closed.
+        """
+        if self._closed.is_set():
+            raise StoreError("store writer is closed")
+        fut: Future[Any] = Future()
+        self._queue.put(_Request(fn, fut, tuple(sync_dirs)))
+        return fut
+
+    def call(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        sync_dirs: Iterable[Path] = (),
+        timeout: float | None = None,
+    ) -> T:
+        """Submit ``fn`` and wait for its committed result (re-raising its exception)."""
+        result: T = self.submit(fn, sync_dirs=sync_dirs).result(timeout=timeout)
+        return result
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop the thread and close the connection."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(batch)
+            if stop:
+                return
+
+    def _commit_batch(self, batch: list[_Request]) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            if self._fsync_dirs:
+                dirs = {d for r in batch for d in r.sync_dirs}
+                for d in dirs:
+                    fsync_dir(d)
+                self.stats.dir_fsyncs += len(dirs)
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            for i, req in enumerate(batch):
+                sp = f"r{i}"
+                conn.execute(f"SAVEPOINT {sp}")
+                try:
+                    value = req.fn(conn)
+                except BaseException as exc:
+                    conn.execute(f"ROLLBACK TO {sp}")
+                    conn.execute(f"RELEASE {sp}")
+                    results.append((False, exc))
+                else:
+                    conn.execute(f"RELEASE {sp}")
+                    results.append((True, value))
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+            self.stats.failures += 1
+            log.error("store transaction failed", extra={"error": str(exc), "batch": len(batch)})
+            err = StoreError(f"store transaction failed: {exc}")
+            err.__cause__ = exc
+            for req in batch:
+                req.future.set_exception(err)
+            return
+        self.stats.transactions += 1
+        self.stats.requests += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        for req, (ok, value) in zip(batch, results, strict=True):
+            if ok:
+                req.future.set_result(value)
+            else:
+                req.future.set_exception(value)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that entries renamed into it survive power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """Opens (creating and migrating) the database and hands out the writer and readers."""
+
+    def __init__(self, path: Path, *, fsync_dirs: bool = True) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(path)
+        try:
+            self.applied_migrations = apply_migrations(conn)
+        finally:
+            conn.close()
+        self.writer = Writer(path, fsync_dirs=fsync_dirs)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (created on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=True)
+            self._local.conn = conn
+            with self._lock:
+                self._readers.append(conn)
+        return conn
+
+    def db(self) -> sqlite_utils.Database:
+        """A sqlite-utils view over this thread's read connection, for queries."""
+        return sqlite_utils.Database(self.reader())
+
+    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a read query on this thread's connection and return all rows."""
+        return list(
+            self.reader().execute(sql, params if isinstance(params, dict) else tuple(params))
+        )
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read: every query inside sees the same committed state."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Drain and stop the writer, close every reader."""
+        self.writer.close()
+        with self._lock:
+            for conn in self._readers:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._readers.clear()

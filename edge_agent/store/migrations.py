@@ -1,0 +1,173 @@
+"""Named, transactional schema migrations.
+
+Each migration runs in its own transaction together with the row that records it in
+``_migrations``, so a crash mid-migration leaves the database at the previous version.
+Migrations are append-only: never edit one that has shipped, add a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edge_agent.errors import StoreError
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: str
+
+
+MIGRATIONS: Sequence[Migration] = (
+    Migration(
+        "0001_ingest",
+        """
+        CREATE TABLE associations (
+            id              TEXT PRIMARY KEY,          -- UUID
+            calling_ae      TEXT NOT NULL,
+            called_ae       TEXT NOT NULL,
+            peer_host       TEXT NOT NULL,
+            peer_port       INTEGER NOT NULL,
+            tls             INTEGER NOT NULL DEFAULT 0,
+            started_at      REAL NOT NULL,             -- epoch seconds, UTC
+            ended_at        REAL,
+            outcome         TEXT NOT NULL,             -- open|released|aborted|rejected
+            reject_reason   TEXT,
+            received        INTEGER NOT NULL DEFAULT 0,
+            duplicates      INTEGER NOT NULL DEFAULT 0,
+            failed          INTEGER NOT NULL DEFAULT 0,
+            refused         INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX associations_started ON associations(started_at);
+
+        CREATE TABLE studies (
+            study_uid           TEXT PRIMARY KEY,
+            patient_id          TEXT NOT NULL DEFAULT '',
+            patient_name        TEXT NOT NULL DEFAULT '',
+            study_date          TEXT NOT NULL DEFAULT '',
+            accession_number    TEXT NOT NULL DEFAULT '',
+            description         TEXT NOT NULL DEFAULT '',
+            modality            TEXT NOT NULL DEFAULT '',
+            state               TEXT NOT NULL,
+            first_received_at   REAL NOT NULL,
+            last_received_at    REAL NOT NULL,
+            completed_at        REAL,
+            completed_reason    TEXT,
+            expected_instances  INTEGER,
+            instance_count      INTEGER NOT NULL DEFAULT 0,
+            late_arrivals       INTEGER NOT NULL DEFAULT 0,
+            reopen_count        INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX studies_state ON studies(state, last_received_at);
+
+        CREATE TABLE series (
+            series_uid          TEXT PRIMARY KEY,
+            study_uid           TEXT NOT NULL REFERENCES studies(study_uid),
+            modality            TEXT NOT NULL DEFAULT '',
+            series_number       TEXT NOT NULL DEFAULT '',
+            description         TEXT NOT NULL DEFAULT '',
+            body_part           TEXT NOT NULL DEFAULT '',
+            instance_count      INTEGER NOT NULL DEFAULT 0,
+            first_received_at   REAL NOT NULL,
+            last_received_at    REAL NOT NULL
+        );
+        CREATE INDEX series_study ON series(study_uid);
+
+        CREATE TABLE instances (
+            id                  INTEGER PRIMARY KEY,
+            sop_instance_uid    TEXT NOT NULL,
+            version             INTEGER NOT NULL,      -- 1, 2, ... when different bytes arrive
+            sop_class_uid       TEXT NOT NULL,
+            series_uid          TEXT NOT NULL REFERENCES series(series_uid),
+            study_uid           TEXT NOT NULL REFERENCES studies(study_uid),
+            instance_number     TEXT NOT NULL DEFAULT '',
+            transfer_syntax     TEXT NOT NULL,
+            sha256              TEXT NOT NULL,         -- of the dataset bytes as received
+            size_bytes          INTEGER NOT NULL,      -- of the stored file
+            tier                TEXT NOT NULL,         -- hot|warm|cold
+            path                TEXT NOT NULL,         -- relative to the tier folder
+            received_at         REAL NOT NULL,
+            association_id      TEXT REFERENCES associations(id),
+            calling_ae          TEXT NOT NULL,
+            late                INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (sop_instance_uid, version)
+        );
+        CREATE INDEX instances_series ON instances(series_uid);
+        CREATE INDEX instances_study ON instances(study_uid);
+        CREATE INDEX instances_sha ON instances(sha256);
+
+        CREATE TABLE quarantine (
+            id                  INTEGER PRIMARY KEY,
+            received_at         REAL NOT NULL,
+            association_id      TEXT,
+            calling_ae          TEXT NOT NULL DEFAULT '',
+            peer_host           TEXT NOT NULL DEFAULT '',
+            status              INTEGER NOT NULL,      -- DIMSE status answered
+            reason              TEXT NOT NULL,
+            sop_class_uid       TEXT NOT NULL DEFAULT '',
+            sop_instance_uid    TEXT NOT NULL DEFAULT '',
+            sha256              TEXT NOT NULL,
+            size_bytes          INTEGER NOT NULL,
+            path                TEXT NOT NULL          -- relative to the quarantine folder
+        );
+
+        CREATE TABLE study_events (
+            id          INTEGER PRIMARY KEY,
+            study_uid   TEXT NOT NULL,
+            at          REAL NOT NULL,
+            from_state  TEXT,
+            to_state    TEXT NOT NULL,
+            reason      TEXT NOT NULL
+        );
+        CREATE INDEX study_events_study ON study_events(study_uid);
+        """,
+    ),
+)
+
+
+def apply_migrations(conn: sqlite3.Connection, now: float | None = None) -> list[str]:
+    """Apply every pending migration in order; return the names applied.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Raises :class:`StoreError`
+    if a migration fails (that migration is rolled back) or the database knows a migration
+    this code does not (a downgrade).
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {r[0] for r in conn.execute("SELECT name FROM _migrations")}
+    known = {m.name for m in MIGRATIONS}
+    unknown = sorted(done - known)
+    if unknown:
+        raise StoreError(
+            f"database has migrations this version does not know ({', '.join(unknown)}): "
+            "it was written by a newer edge-agent; refusing to run"
+        )
+    applied: list[str] = []
+    for m in MIGRATIONS:
+        if m.name in done:
+            continue
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _statements(m.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                (m.name, time.time() if now is None else now),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"migration {m.name} failed: {exc}") from exc
+        applied.append(m.name)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    # executescript() would COMMIT implicitly; split instead (no ';' inside our DDL strings).
+    lines = [ln.split("--", 1)[0] for ln in sql.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,1 @@
+"""Study assembly: instances -> series -> studies, and when a study is complete."""
