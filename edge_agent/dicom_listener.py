@@ -195,7 +195,7 @@ class DicomListener:
         tls = self._cfg.tls
         if not tls.enabled:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
         if tls.ca_file:
@@ -261,6 +261,9 @@ class DicomListener:
             )
             self._metrics.associations.labels("rejected").inc()
             assoc.acse.send_reject(*reject)
+            # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is
+            # on the wire and the peer closed, before the server closes the socket.
+            assoc.kill()
             return
         self._metrics.associations.labels("accepted").inc()
         self._metrics.active_associations.inc()

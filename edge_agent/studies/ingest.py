@@ -91,7 +91,7 @@ class Ingestor:
         self._quarantine = quarantine_dir
         self._clock = clock
         self._metrics = metrics
-        self._min_free = min_free_bytes
+        self.min_free_bytes = min_free_bytes
         self._tier = tier
 
     def receive(
@@ -142,10 +142,10 @@ class Ingestor:
         origin: Origin,
     ) -> IngestResult:
         free = self._spool.free_bytes()
-        if free < self._min_free:
+        if free < self.min_free_bytes:
             raise OutOfResources(
                 f"Out of resources: free space on the hot tier ({free // 2**20} MiB) is below "
-                f"the floor ({self._min_free // 2**20} MiB)"
+                f"the floor ({self.min_free_bytes // 2**20} MiB)"
             )
         try:
             info = inspect_dataset(

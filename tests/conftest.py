@@ -1,0 +1,152 @@
+"""Shared fixtures: configs in temp folders, a running agent, DCMTK helpers, test files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.filereader import read_preamble
+
+from edge_agent.clock import FakeClock
+from edge_agent.config import AllowedCaller, Config, DicomConfig, StorageConfig, StudiesConfig
+
+TEST_FILES = Path(os.path.dirname(pydicom.data.get_testdata_file("CT_small.dcm")))
+DCMTK_TOOLS = ("storescu", "echoscu", "storescp")
+
+
+def have_dcmtk() -> bool:
+    return all(shutil.which(t) for t in DCMTK_TOOLS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if have_dcmtk():
+        return
+    if os.environ.get("EDGE_REQUIRE_DCMTK") == "1":
+        raise pytest.UsageError(
+            "EDGE_REQUIRE_DCMTK=1 but DCMTK (storescu/echoscu/storescp) is not on PATH"
+        )
+    skip = pytest.mark.skip(reason="DCMTK not installed (make test installs it)")
+    for item in items:
+        if "dcmtk" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    """A config rooted in ``tmp_path``: port 0 (ephemeral), STORESCU/ECHOSCU/PYSCU allowed,
+    no free-space floor, short quiet period. ``sections`` override fields per section."""
+    dicom = DicomConfig(
+        ae_title="EDGE_TEST",
+        bind_address="127.0.0.1",
+        port=0,
+        allowed_callers=(
+            AllowedCaller(ae_title="STORESCU"),
+            AllowedCaller(ae_title="ECHOSCU"),
+            AllowedCaller(ae_title="PYSCU"),
+        ),
+        shutdown_grace_s=5.0,
+    )
+    storage = StorageConfig(data_dir=str(tmp_path / "data"), min_free_mb=0)
+    studies = StudiesConfig(quiet_period_s=10.0, check_interval_s=0.1)
+    cfg = Config(dicom=dicom, storage=storage, studies=studies)
+    for name, fields in sections.items():
+        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
+    return cfg
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def app_factory(tmp_path: Path, clock: FakeClock) -> Iterator[Any]:
+    """Build (and later close) EdgeApp instances with a started listener."""
+    from edge_agent.app import EdgeApp
+
+    apps: list[EdgeApp] = []
+
+    def factory(cfg: Config | None = None, *, start: bool = True) -> EdgeApp:
+        app = EdgeApp(cfg or make_config(tmp_path), clock=clock)
+        if start:
+            app.listener.start()
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.listener.stop(grace_s=1.0)
+        app.close()
+
+
+def split_part10(data: bytes) -> tuple[str, bytes]:
+    """(transfer syntax, dataset bytes) of a DICOM Part 10 file's bytes."""
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = pydicom.filereader._read_file_meta_info(fp)
+    return str(meta.TransferSyntaxUID), data[fp.tell() :]
+
+
+def dataset_sha(path: Path) -> str:
+    return hashlib.sha256(split_part10(path.read_bytes())[1]).hexdigest()
+
+
+def run_tool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def storescu(
+    port: int,
+    *files: Path | str,
+    aet: str = "STORESCU",
+    aec: str = "EDGE_TEST",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    return run_tool(
+        "storescu", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)
+    )
+
+
+# Transfer syntax of a test file -> the storescu flag that makes it propose that syntax.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until true (the association audit row is written when the peer has
+    closed the connection, a moment after the DCMTK tool exits)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def associations_closed(app: Any) -> bool:
+    rows = app.store.query("SELECT count(*) FROM associations WHERE outcome = 'open'")
+    return int(rows[0][0]) == 0
