@@ -125,6 +125,26 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_quarantine)
 
     sp = add(
+        "demo",
+        "run the end-to-end demo: agent + sample studies sent with storescu",
+        "edge-agent demo --dir ./demo-run",
+    )
+    sp.add_argument("--dir", type=Path, default=Path("demo-run"), help="scratch folder (recreated)")
+    sp.set_defaults(func=_cmd_demo)
+
+    sp = add(
+        "make-samples",
+        "write synthetic sample studies (no patient data) to a folder",
+        "edge-agent make-samples ./samples --modality CT --slices 40",
+    )
+    sp.add_argument("dir", type=Path)
+    sp.add_argument("--modality", choices=["CT", "MR"], default="CT")
+    sp.add_argument("--slices", type=int, default=20)
+    sp.add_argument("--size", type=int, default=512, help="rows and columns")
+    sp.add_argument("--seed", default="sample")
+    sp.set_defaults(func=_cmd_samples)
+
+    sp = add(
         "associations",
         "audit trail: who connected, from where, what they sent",
         "edge-agent associations --config /srv/edge/edge-agent.toml --limit 20",
@@ -184,6 +204,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {cfg_path}")
     print(f"data folders under {cfg.storage.data_dir}")
     print(f"start with: edge-agent run --config {cfg_path}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge_agent.demo import run_demo
+
+    return run_demo(args.dir.resolve())
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from edge_agent.samples import make_study
+
+    study = make_study(
+        args.dir, modality=args.modality, slices=args.slices, size=args.size, seed=args.seed
+    )
+    print(f"wrote {len(study.files)} {study.modality} instances to {args.dir}")
+    print(f"study {study.study_uid}")
     return EXIT_OK
 
 

@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine:  `make demo`  and  `make test`.
+# Both install what they need: DCMTK from the distribution (apt-get), Python packages into .venv.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint typecheck unit bench system-deps venv clean
+
+## demo: hub-less end-to-end demo: agent + sample studies sent with storescu + study list
+demo: system-deps venv
+	$(BIN)/edge-agent demo
+
+## test: lint, type-check and the whole test suite (real DCMTK peers, fault injection)
+test: system-deps venv lint typecheck
+	@EDGE_REQUIRE_DCMTK=1 $(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+## bench: ingest throughput, agent vs DCMTK storescp (see README "Benchmarks")
+bench: system-deps venv
+	$(BIN)/python bench/ingest.py
+
+system-deps:
+	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
+	    && command -v storescp >/dev/null; then :; else \
+	  echo "installing DCMTK (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dcmtk; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) demo-run .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,202 @@
+"""``edge-agent demo``: the whole ingest path end to end on an embedded default config.
+
+It makes a scratch folder, writes a config, generates synthetic sample studies, starts the
+agent as a child process, sends the studies with DCMTK's ``storescu`` (plus two compressed
+files from pydicom's test set and one intruder with an unknown AE title), waits for the
+studies to complete, prints what the agent holds, and stops the agent with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edge_agent.cli import main as cli_main
+from edge_agent.samples import make_study
+
+QUIET_PERIOD_S = 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TCP_NODELAY="1")
+    print("    $ " + " ".join(args[:8]) + (" ..." if len(args) > 8 else ""), flush=True)
+    return subprocess.run(list(args), capture_output=True, text=True, env=env, check=False)
+
+
+def run_demo(workdir: Path) -> int:
+    """Run the demo in ``workdir`` (recreated). Returns the exit code."""
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            print(
+                f"edge-agent demo: {tool} not found; install DCMTK (make demo does)",
+                file=sys.stderr,
+            )
+            return 1
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    port = _free_port()
+    _step(f"writing a default config in {workdir}")
+    cli_main(
+        [
+            "init",
+            str(workdir),
+            "--port",
+            str(port),
+            "--ae-title",
+            "EDGE_DEMO",
+            "--bind-address",
+            "127.0.0.1",
+            "--quiet-period",
+            str(QUIET_PERIOD_S),
+            "--min-free-mb",
+            "64",
+        ]
+    )
+    cfg = workdir / "edge-agent.toml"
+
+    _step("generating synthetic sample studies")
+    samples = workdir / "samples"
+    ct = make_study(
+        samples / "ct",
+        modality="CT",
+        slices=40,
+        size=512,
+        seed="demo-ct",
+        patient_id="DEMO-CT-1",
+        patient_name="DEMO^CT",
+    )
+    mr = make_study(
+        samples / "mr",
+        modality="MR",
+        slices=24,
+        size=64,
+        seed="demo-mr",
+        patient_id="DEMO-MR-1",
+        patient_name="DEMO^MR",
+    )
+    print(f"    CT: {len(ct.files)} slices 512x512; MR: {len(mr.files)} slices 64x64")
+
+    _step("starting the agent")
+    log_path = workdir / "agent.log"
+    with log_path.open("wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            r = subprocess.run(
+                ["echoscu", "-aet", "ECHOSCU", "-aec", "EDGE_DEMO", "127.0.0.1", str(port)],
+                capture_output=True,
+                check=False,
+            )
+            if r.returncode == 0:
+                break
+            if agent.poll() is not None or time.monotonic() > deadline:
+                print(log_path.read_text(), file=sys.stderr)
+                print("edge-agent demo: the agent did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        print(f"    agent up: AE EDGE_DEMO on 127.0.0.1:{port}; C-ECHO ok (log: {log_path})")
+
+        _step("sending the CT and MR studies with storescu")
+        for study in (ct, mr):
+            r = _tool(
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "EDGE_DEMO",
+                "127.0.0.1",
+                str(port),
+                *map(str, study.files),
+            )
+            print(f"    {study.modality}: storescu exit {r.returncode}")
+
+        _step("sending compressed instances (JPEG-LS lossless, JPEG 2000) from pydicom's test set")
+        import pydicom.data
+
+        for name, flag in (("MR_small_jpeg_ls_lossless.dcm", "-xt"), ("JPEG2000.dcm", "-xw")):
+            r = _tool(
+                "storescu",
+                "-R",
+                flag,
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "EDGE_DEMO",
+                "127.0.0.1",
+                str(port),
+                pydicom.data.get_testdata_file(name),
+            )
+            print(f"    {name}: storescu exit {r.returncode}")
+
+        _step("an unknown modality (AE title INTRUDER) tries to send: rejected")
+        r = _tool(
+            "storescu",
+            "-aet",
+            "INTRUDER",
+            "-aec",
+            "EDGE_DEMO",
+            "127.0.0.1",
+            str(port),
+            str(mr.files[0]),
+        )
+        print("    " + (r.stderr.strip().splitlines() or ["(no output)"])[-1])
+
+        _step(f"waiting for the studies to complete (quiet period {QUIET_PERIOD_S:g} s)")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "edge_agent",
+                    "studies",
+                    "--config",
+                    str(cfg),
+                    "--state",
+                    "RECEIVING",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            if out == "[]":
+                break
+            time.sleep(0.5)
+
+        _step("edge-agent studies")
+        cli_main(["studies", "--config", str(cfg)])
+        _step("edge-agent associations (audit trail)")
+        cli_main(["associations", "--config", str(cfg), "--limit", "10"])
+    finally:
+        _step("stopping the agent with SIGTERM")
+        agent.send_signal(signal.SIGTERM)
+        try:
+            code = agent.wait(60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            code = agent.wait()
+        print(f"    agent exited with {code}")
+    print(f"\nDone. Config: {cfg}\nData: {workdir / 'data'}\nAgent log (JSON): {log_path}")
+    return 0 if code == 0 else 1
