@@ -103,12 +103,12 @@ def run_demo(workdir: Path) -> int:
     try:
         deadline = time.monotonic() + 30
         while True:
-            r = subprocess.run(
+            echo = subprocess.run(
                 ["echoscu", "-aet", "ECHOSCU", "-aec", "EDGE_DEMO", "127.0.0.1", str(port)],
                 capture_output=True,
                 check=False,
             )
-            if r.returncode == 0:
+            if echo.returncode == 0:
                 break
             if agent.poll() is not None or time.monotonic() > deadline:
                 print(log_path.read_text(), file=sys.stderr)
@@ -145,7 +145,7 @@ def run_demo(workdir: Path) -> int:
                 "EDGE_DEMO",
                 "127.0.0.1",
                 str(port),
-                pydicom.data.get_testdata_file(name),
+                str(pydicom.data.get_testdata_file(name)),
             )
             print(f"    {name}: storescu exit {r.returncode}")
 
