@@ -1,0 +1,126 @@
+"""``edge-agent run`` as a user runs it: JSON logs, and SIGTERM finishes the association in
+flight, refuses new ones, and exits 0 with everything acknowledged on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dcmtk
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _echo(port: int) -> int:
+    return subprocess.run(
+        ["echoscu", "-aet", "ECHOSCU", "-aec", "EDGE_RUN", "127.0.0.1", str(port)],
+        capture_output=True,
+        check=False,
+    ).returncode
+
+
+def test_sigterm_drains_in_flight_association(tmp_path: Path) -> None:
+    from edge_agent.cli import main as cli
+    from edge_agent.samples import make_study
+
+    port = _free_port()
+    root = tmp_path / "agent"
+    assert (
+        cli(
+            [
+                "init",
+                str(root),
+                "--port",
+                str(port),
+                "--ae-title",
+                "EDGE_RUN",
+                "--bind-address",
+                "127.0.0.1",
+                "--min-free-mb",
+                "0",
+            ]
+        )
+        == 0
+    )
+    study = make_study(tmp_path / "mr", modality="MR", size=64, slices=400, seed="term")
+    log = root / "agent.log"
+    with log.open("wb") as fh:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(root / "edge-agent.toml")],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while _echo(port) != 0:
+            assert time.monotonic() < deadline and agent.poll() is None, log.read_text()
+            time.sleep(0.1)
+        sender = subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "EDGE_RUN",
+                "127.0.0.1",
+                str(port),
+                *map(str, study.files),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, TCP_NODELAY="1"),
+        )
+        time.sleep(0.5)
+        agent.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert sender.poll() is None, "the sender should still be streaming"
+        assert _echo(port) != 0, "a new association must be refused while draining"
+        _, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err  # every instance of the in-flight one succeeded
+        assert agent.wait(60) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    db = sqlite3.connect(root / "data" / "edge.db")
+    try:
+        assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 400
+        assert (
+            db.execute("SELECT outcome FROM associations WHERE calling_ae = 'STORESCU'").fetchone()[
+                0
+            ]
+            == "released"
+        )
+    finally:
+        db.close()
+    assert (root / "data" / "clean-stop").exists()
+    lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in lines)
+    assert lines[-1]["msg"] == "edge agent stopped"
+
+
+def test_bad_config_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "edge-agent.toml"
+    cfg.write_text("[dicom]\nport = 70000\nallow_any_caller = true\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "dicom.port" in r.stderr and "1..65535" in r.stderr
