@@ -274,7 +274,8 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     store = _open_store(_load(args))
     try:
         state = StudyState(args.state) if args.state else None
-        studies = list_studies(store.reader(), state=state, limit=args.limit)
+        with store.read() as conn:
+            studies = list_studies(conn, state=state, limit=args.limit)
     finally:
         store.close()
     if args.json:
@@ -301,12 +302,7 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
     cfg = _load(args)
     store = _open_store(cfg)
     try:
-        rows = [
-            dict(r)
-            for r in store.query(
-                "SELECT * FROM quarantine ORDER BY received_at DESC LIMIT ?", (args.limit,)
-            )
-        ]
+        rows = store.rows("quarantine", order_by="received_at DESC", limit=args.limit)
     finally:
         store.close()
     if args.json:
@@ -329,12 +325,7 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
 def _cmd_associations(args: argparse.Namespace) -> int:
     store = _open_store(_load(args))
     try:
-        rows = [
-            dict(r)
-            for r in store.query(
-                "SELECT * FROM associations ORDER BY started_at DESC LIMIT ?", (args.limit,)
-            )
-        ]
+        rows = store.rows("associations", order_by="started_at DESC", limit=args.limit)
     finally:
         store.close()
     if args.json:

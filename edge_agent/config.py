@@ -173,6 +173,8 @@ def load_config(
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError("config", f"{p} is not UTF-8 text (TOML must be): {exc}") from exc
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -201,9 +201,14 @@ def fsync_dir(path: Path) -> None:
 
 
 class Store:
-    """Opens (creating and migrating) the database and hands out the writer and readers."""
+    """Opens (creating and migrating) the database and hands out the writer and readers.
 
-    def __init__(self, path: Path, *, fsync_dirs: bool = True) -> None:
+    Readers come from a small pool (:meth:`read`), not one per thread: pynetdicom runs every
+    association on a new thread, and a connection per thread would leak a file descriptor
+    for each association the agent ever served.
+    """
+
+    def __init__(self, path: Path, *, fsync_dirs: bool = True, max_idle_readers: int = 8) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(path)
@@ -212,45 +217,56 @@ class Store:
         finally:
             conn.close()
         self.writer = Writer(path, fsync_dirs=fsync_dirs)
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue(max_idle_readers)
+        self._closed = False
 
-    def reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection (created on first use)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a read-only connection for the duration of the ``with`` block."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
             conn = connect(self.path, readonly=True)
-            self._local.conn = conn
-            with self._lock:
-                self._readers.append(conn)
-        return conn
-
-    def db(self) -> sqlite_utils.Database:
-        """A sqlite-utils view over this thread's read connection, for queries."""
-        return sqlite_utils.Database(self.reader())
-
-    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
-        """Run a read query on this thread's connection and return all rows."""
-        return list(
-            self.reader().execute(sql, params if isinstance(params, dict) else tuple(params))
-        )
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if self._closed:
+                conn.close()
+            else:
+                try:
+                    self._idle.put_nowait(conn)
+                except queue.Full:
+                    conn.close()
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A consistent read: every query inside sees the same committed state."""
-        conn = self.reader()
-        conn.execute("BEGIN")
-        try:
+        with self.read() as conn:
+            conn.execute("BEGIN")
             yield conn
-        finally:
-            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run one read query and return all rows."""
+        with self.read() as conn:
+            return list(conn.execute(sql, params if isinstance(params, dict) else tuple(params)))
+
+    def rows(self, table: str, *, order_by: str, limit: int) -> list[dict[str, Any]]:
+        """Rows of ``table`` as dicts, via sqlite-utils (used by the CLI listings)."""
+        with self.read() as conn:
+            return list(
+                sqlite_utils.Database(conn)[table].rows_where(order_by=order_by, limit=limit)
+            )
 
     def close(self) -> None:
-        """Drain and stop the writer, close every reader."""
+        """Drain and stop the writer, close idle readers (borrowed ones close on return)."""
+        self._closed = True
         self.writer.close()
-        with self._lock:
-            for conn in self._readers:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._readers.clear()
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()

@@ -164,7 +164,9 @@ class Ingestor:
                 origin=origin,
             )
         sha = hashlib.sha256(dataset).hexdigest()
-        for version, known in sop_versions(self._store.reader(), info.sop_instance_uid):
+        with self._store.read() as conn:
+            versions = sop_versions(conn, info.sop_instance_uid)
+        for version, known in versions:
             if known == sha:
                 return self._duplicate(info, version, origin)
         header = file_header(info, origin.calling_ae)

@@ -35,7 +35,9 @@ class AssemblyWorker:
         """One pass over RECEIVING studies; returns how many became COMPLETE."""
         now = self._clock.now()
         completed = 0
-        for row in receiving_studies(self._store.reader()):
+        with self._store.read() as conn:
+            studies = receiving_studies(conn)
+        for row in studies:
             uid, last = str(row["study_uid"]), float(row["last_received_at"])
             if now < last - CLOCK_SKEW_TOLERANCE_S:
                 if self._store.writer.call(

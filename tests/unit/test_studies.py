@@ -16,6 +16,7 @@ from edge_agent.store import Store
 from edge_agent.studies.models import (
     TRANSITIONS,
     InvalidTransition,
+    Study,
     StudyState,
     check_transition,
 )
@@ -135,6 +136,16 @@ def store(tmp_path: Path) -> Store:
     s.close()
 
 
+def get_study_(store: Store, uid: str) -> Study | None:
+    with store.read() as conn:
+        return get_study(conn, uid)
+
+
+def list_studies_(store: Store) -> list[Study]:
+    with store.read() as conn:
+        return list_studies(conn)
+
+
 def put(store: Store, i: InstanceInfo, sha: str, now: float) -> RecordOutcome:
     rec = store.writer.call(
         lambda c: record_instance(c, i, obj(sha), now=now, association_id=None, calling_ae="X")
@@ -148,7 +159,7 @@ def test_record_duplicate_and_version(store: Store) -> None:
     assert put(store, info(1), "bb" * 32, 102.0) is RecordOutcome.NEW_VERSION
     assert put(store, info(1), "aa" * 32, 103.0) is RecordOutcome.DUPLICATE  # an old version
     assert put(store, info(2), "cc" * 32, 104.0) is RecordOutcome.STORED
-    study = get_study(store.reader(), "1.2.3")
+    study = get_study_(store, "1.2.3")
     assert study is not None
     assert study.instance_count == 2 and study.series_count == 1
     versions = store.query("SELECT version FROM instances WHERE sop_instance_uid = '1.2.3.1.1'")
@@ -171,12 +182,12 @@ def test_quiet_period_then_late_arrival_reopens(store: Store, tmp_path: Path) ->
     assert w.tick() == 0
     clock.advance(0.2)
     assert w.tick() == 1
-    s = get_study(store.reader(), "1.2.3")
+    s = get_study_(store, "1.2.3")
     assert s is not None and s.state is StudyState.COMPLETE and s.completed_reason == "quiet_period"
     # a late instance re-opens it and is recorded as late
     clock.advance(60)
     put(store, info(9), "99" * 32, clock.now())
-    s = get_study(store.reader(), "1.2.3")
+    s = get_study_(store, "1.2.3")
     assert s is not None
     assert (s.state, s.late_arrivals, s.reopen_count, s.completed_at) == (
         StudyState.RECEIVING,
@@ -206,7 +217,7 @@ def test_expected_count_and_per_modality_quiet(store: Store, tmp_path: Path) -> 
             clock.now(),
         )
     assert w.tick() == 1  # the CT study met its expected count at once
-    assert get_study(store.reader(), "1.2.3").completed_reason == "expected_count"  # type: ignore[union-attr]
+    assert get_study_(store, "1.2.3").completed_reason == "expected_count"  # type: ignore[union-attr]
     clock.advance(15)
     assert w.tick() == 0  # MR waits 30 s
     clock.advance(15)
@@ -239,7 +250,7 @@ def test_worker_does_not_complete_a_study_that_just_got_an_instance(
         )
     )
     assert moved is False
-    assert get_study(store.reader(), "1.2.3").state is StudyState.RECEIVING  # type: ignore[union-attr]
+    assert get_study_(store, "1.2.3").state is StudyState.RECEIVING  # type: ignore[union-attr]
     del clock
 
 
@@ -253,14 +264,14 @@ def test_restart_resumes_from_database(tmp_path: Path) -> None:
     try:
         clock.advance(11)
         assert worker(s2, clock, tmp_path, quiet_period_s=10.0).tick() == 1
-        assert [s.state for s in list_studies(s2.reader())] == [StudyState.COMPLETE]
+        assert [s.state for s in list_studies_(s2)] == [StudyState.COMPLETE]
     finally:
         s2.close()
 
 
 def test_study_model_fields_roundtrip(store: Store) -> None:
     put(store, dataclasses.replace(info(1), patient_name="Müller^Jürgen"), "ab" * 32, 5.0)
-    (s,) = list_studies(store.reader())
+    (s,) = list_studies_(store)
     assert s.patient_name == "Müller^Jürgen" and s.first_received_at == 5.0
 
 
@@ -273,7 +284,7 @@ def test_counts_independent_of_order_and_duplicates(
     try:
         for t, n in enumerate(order + dup):
             put(s, info(n), f"{n:02x}" * 32, float(t))
-        study = get_study(s.reader(), "1.2.3")
+        study = get_study_(s, "1.2.3")
         assert study is not None and study.instance_count == 6
         assert s.query("SELECT count(*) FROM instances")[0][0] == 6
     finally:
