@@ -35,6 +35,7 @@ T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], Any]
 
 BUSY_TIMEOUT_MS = 30_000
+MAX_DIR_FDS = 512
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -89,6 +90,7 @@ class Writer:
         self._conn = connect(path)
         self._closed = threading.Event()
         self.stats = WriterStats()
+        self._dir_fds: dict[Path, int] = {}  # used by the writer thread only
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -126,6 +128,23 @@ class Writer:
         self._thread.join(timeout)
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
+        for fd in self._dir_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dir_fds.clear()
+
+    def _dir_fd(self, path: Path) -> int:
+        """A kept-open descriptor of ``path`` for fsync (the spool has 256 fixed folders;
+        re-opening one per batch cost more than the fsync itself)."""
+        fd = self._dir_fds.get(path)
+        if fd is None:
+            if len(self._dir_fds) >= MAX_DIR_FDS:
+                for old in self._dir_fds.values():
+                    os.close(old)
+                self._dir_fds.clear()
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self._dir_fds[path] = fd
+        return fd
 
     def _run(self) -> None:
         while True:
@@ -153,7 +172,7 @@ class Writer:
             if self._fsync_dirs:
                 dirs = {d for r in batch for d in r.sync_dirs}
                 for d in dirs:
-                    fsync_dir(d)
+                    os.fsync(self._dir_fd(d))
                 self.stats.dir_fsyncs += len(dirs)
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")

@@ -23,10 +23,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 
 from edge_agent.clock import Clock
 from edge_agent.errors import InvalidInstance, OutOfResources, StoreError
@@ -298,21 +294,32 @@ class Ingestor:
 
 
 def file_header(info: InstanceInfo, source_ae: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group we add in front of the dataset
-    as received (the dataset bytes themselves are never re-encoded)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(info.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(info.sop_instance_uid)
-    meta.TransferSyntaxUID = UID(info.transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae.strip():
-        meta.SourceApplicationEntityTitle = source_ae.strip()
-    buf = DicomBytesIO()
-    buf.is_little_endian = True
-    buf.is_implicit_VR = False
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return b"\x00" * 128 + b"DICM" + buf.getvalue()
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1) we add in front of
+    the dataset as received (the dataset bytes themselves are never re-encoded).
+
+    Encoded by hand: pydicom's writer costs ~0.7 ms per instance on the C-STORE path; the test
+    suite pins this output to pydicom's ``write_file_meta_info`` byte for byte.
+    """
+    body = b"".join(
+        (
+            b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",  # (0002,0001) version
+            _element(0x0002, b"UI", info.sop_class_uid, b"\x00"),
+            _element(0x0003, b"UI", info.sop_instance_uid, b"\x00"),
+            _element(0x0010, b"UI", info.transfer_syntax, b"\x00"),
+            _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID, b"\x00"),
+            _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME, b" "),
+            _element(0x0016, b"AE", source_ae.strip(), b" ") if source_ae.strip() else b"",
+        )
+    )
+    group_length = b"\x02\x00\x00\x00UL\x04\x00" + len(body).to_bytes(4, "little")
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _element(elem: int, vr: bytes, value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += pad
+    return b"\x02\x00" + elem.to_bytes(2, "little") + vr + len(raw).to_bytes(2, "little") + raw
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -249,14 +249,13 @@ def inspect_dataset(
     must agree. Raises :class:`InvalidInstance` (status + reason) on any problem.
     """
     ts = UID(transfer_syntax)
-    buf = data
-    if ts.is_deflated:
-        buf = _inflate(data)
     try:
+        deflated = ts.is_deflated
         implicit = ts.is_implicit_VR
         little = ts.is_little_endian
     except ValueError:  # private/unknown syntaxes are encapsulated explicit VR little endian
-        implicit, little = False, True
+        deflated, implicit, little = False, False, True
+    buf = _inflate(data) if deflated else data
     if not buf:
         raise InvalidInstance(STATUS_CANNOT_PARSE, "empty dataset")
     walker = _Walker(buf, little=little, implicit=implicit)
