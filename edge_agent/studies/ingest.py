@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-
 from edge_agent.clock import Clock
 from edge_agent.errors import InvalidInstance, OutOfResources, StoreError
 from edge_agent.metrics import Metrics
