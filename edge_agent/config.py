@@ -44,7 +44,10 @@ class AllowedCaller:
         if not self.host:
             return True
         try:
-            return ipaddress.ip_address(peer_ip) in ipaddress.ip_network(self.host, strict=False)
+            ip = ipaddress.ip_address(peer_ip)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+            return ip in ipaddress.ip_network(self.host, strict=False)
         except ValueError:
             return False
 

@@ -89,6 +89,7 @@ class Writer:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._conn = connect(path)
         self._closed = threading.Event()
+        self._submit_lock = threading.Lock()
         self.stats = WriterStats()
         self._dir_fds: dict[Path, int] = {}  # used by the writer thread only
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -102,10 +103,11 @@ class Writer:
         The returned future holds ``fn``'s result once the transaction has committed, or the
         exception ``fn`` (or the commit) raised. Raises :class:`StoreError` if closed.
         """
-        if self._closed.is_set():
-            raise StoreError("store writer is closed")
         fut: Future[Any] = Future()
-        self._queue.put(_Request(fn, fut, tuple(sync_dirs)))
+        with self._submit_lock:  # no request may slip in behind the stop marker
+            if self._closed.is_set():
+                raise StoreError("store writer is closed")
+            self._queue.put(_Request(fn, fut, tuple(sync_dirs)))
         return fut
 
     def call(
@@ -121,10 +123,11 @@ class Writer:
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then stop the thread and close the connection."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._queue.put(None)
+        with self._submit_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._queue.put(None)
         self._thread.join(timeout)
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
