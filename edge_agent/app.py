@@ -20,6 +20,7 @@ from pathlib import Path
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.dicom_listener import DicomListener
+from edge_agent.errors import EdgeError
 from edge_agent.metrics import Metrics, create_metrics
 from edge_agent.store import Spool, Store
 from edge_agent.studies.ingest import Ingestor
@@ -150,8 +151,18 @@ class EdgeApp:
         )
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then shut down cleanly."""
-        self.listener.start()
+        """Run until ``stop`` is set, then shut down cleanly.
+
+        Raises :class:`EdgeError` if the DICOM port cannot be bound (the store is closed).
+        """
+        try:
+            self.listener.start()
+        except OSError as exc:
+            await asyncio.to_thread(self.close)
+            d = self.cfg.dicom
+            raise EdgeError(
+                f"cannot listen on {d.bind_address}:{d.port}: {exc.strerror or exc}"
+            ) from exc
         worker = asyncio.create_task(self.assembly.run(stop), name="assembly")
         log.info("edge agent ready", extra={"port": self.listener.port})
         try:

@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # e.g. a data folder that cannot be created or written
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"edge-agent: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
     return code
 
 

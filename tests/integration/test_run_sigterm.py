@@ -124,3 +124,60 @@ def test_bad_config_is_named(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "dicom.port" in r.stderr and "1..65535" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    from edge_agent.cli import main as cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert (
+            cli(
+                [
+                    "init",
+                    str(tmp_path),
+                    "--port",
+                    str(port),
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--min-free-mb",
+                    "0",
+                ]
+            )
+            == 0
+        )
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "run",
+                "--config",
+                str(tmp_path / "edge-agent.toml"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "edge-agent.toml"
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    cfg.write_text(f'[dicom]\nallow_any_caller = true\n[storage]\ndata_dir = "{blocker}/data"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "Not a directory" in r.stderr and "Traceback" not in r.stderr
