@@ -15,7 +15,7 @@ demo: system-deps venv
 
 ## test: lint, type-check and the whole test suite (real DCMTK peers, fault injection)
 test: system-deps venv lint typecheck
-	@EDGE_REQUIRE_DCMTK=1 $(BIN)/python -m pytest; rc=$$?; \
+	@REQUIRE_DCMTK=1 $(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -3,8 +3,10 @@
 Every setting has a documented default, unit and limit. :func:`load_config` reads the file,
 applies environment overrides (``EDGE_<SECTION>_<FIELD>``, e.g. ``EDGE_DICOM_PORT=11112``,
 ``EDGE_DICOM_TLS_ENABLED=true``) and validates; any problem raises :class:`ConfigError`
-naming the dotted field (``dicom.port``). Unknown keys and unknown ``EDGE_*`` variables are
-errors too, so a typo never silently falls back to a default.
+naming the dotted field (``dicom.port``). Unknown keys, and unknown ``EDGE_<SECTION>_*``
+variables of a known section, are errors too, so a typo never silently falls back to a
+default. Other ``EDGE_*`` variables (e.g. ``EDGE_SERVICE_HOST`` injected by Kubernetes) are
+ignored.
 """
 
 from __future__ import annotations
@@ -194,11 +196,16 @@ def load_config(
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     known = dict(_env_names(Config, ()))
+    sections = {f.name.upper() for f in dataclasses.fields(Config)}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == "EDGE_CONFIG":
             continue
         if name not in known:
-            raise ConfigError(name, "unknown EDGE_* environment variable")
+            # EDGE_DICOM_PROT is a typo to report; EDGE_SERVICE_HOST (Kubernetes injects
+            # <SERVICE>_* variables for a Service named "edge") is not ours to judge.
+            if name.removeprefix(ENV_PREFIX).split("_", 1)[0] in sections:
+                raise ConfigError(name, "unknown EDGE_* environment variable")
+            continue
         path = known[name]
         node = raw
         for key in path[:-1]:

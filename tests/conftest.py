@@ -30,9 +30,9 @@ def have_dcmtk() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if have_dcmtk():
         return
-    if os.environ.get("EDGE_REQUIRE_DCMTK") == "1":
+    if os.environ.get("REQUIRE_DCMTK") == "1":
         raise pytest.UsageError(
-            "EDGE_REQUIRE_DCMTK=1 but DCMTK (storescu/echoscu/storescp) is not on PATH"
+            "REQUIRE_DCMTK=1 but DCMTK (storescu/echoscu/storescp) is not on PATH"
         )
     skip = pytest.mark.skip(reason="DCMTK not installed (make test installs it)")
     for item in items:

@@ -143,6 +143,7 @@ def test_unknown_calling_ae_rejected_and_audited(app_factory: Any) -> None:
     assert r.returncode != 0
     assert "Called AE Title Not Recognized" not in r.stderr
     assert "Calling AE Title Not Recognized" in r.stderr, r.stderr
+    wait_until(lambda: bool(app.store.query("SELECT 1 FROM associations")))
     (row,) = app.store.query("SELECT * FROM associations")
     assert row["outcome"] == "rejected"
     assert row["reject_reason"] == "calling AE title not recognised"
@@ -160,6 +161,7 @@ def test_wrong_called_ae_rejected(app_factory: Any) -> None:
     r = storescu(app.listener.port, TEST_FILES / "CT_small.dcm", aec="SOMEONE_ELSE")
     assert r.returncode != 0
     assert "Called AE Title Not Recognized" in r.stderr, r.stderr
+    wait_until(lambda: bool(app.store.query("SELECT 1 FROM associations")))
     (row,) = app.store.query("SELECT reject_reason FROM associations")
     assert row["reject_reason"] == "called AE title not recognised"
 

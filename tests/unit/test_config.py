@@ -327,7 +327,7 @@ def test_env_nested_tls_section(tmp_path: Path) -> None:
     ("env", "field"),
     [
         ({"EDGE_DICOM_PROT": "104"}, "EDGE_DICOM_PROT"),
-        ({"EDGE_PORT": "104"}, "EDGE_PORT"),
+        ({"EDGE_STORAGE_HOTDIR": "/x"}, "EDGE_STORAGE_HOTDIR"),
         ({"EDGE_DICOM_TLS": "true"}, "EDGE_DICOM_TLS"),  # a section, not a setting
         ({"EDGE_DICOM_PORT": "eleven"}, "dicom.port"),
         ({"EDGE_DICOM_PORT": "0"}, "dicom.port"),
@@ -645,3 +645,15 @@ def test_ipv4_mapped_peer_matches_ipv4_network() -> None:
     caller = AllowedCaller(ae_title="PACS", host="10.0.0.0/8")
     assert caller.matches("PACS", "::ffff:10.1.2.3")
     assert not caller.matches("PACS", "::ffff:11.1.2.3")
+
+
+def test_foreign_edge_variables_are_ignored() -> None:
+    """Kubernetes injects <SERVICE>_* variables; for a Service named "edge" they start EDGE_."""
+    env = {
+        "EDGE_PORT": "tcp://10.43.0.7:11112",
+        "EDGE_SERVICE_HOST": "10.43.0.7",
+        "EDGE_PORT_11112_TCP_ADDR": "10.43.0.7",
+        "EDGE_DICOM_ALLOW_ANY_CALLER": "true",
+    }
+    cfg = load_config(None, env=env)
+    assert cfg.dicom.port == 11112 and cfg.dicom.allow_any_caller
