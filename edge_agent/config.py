@@ -77,6 +77,8 @@ class DicomConfig:
     addressed to another AE title. ``allowed_callers``: the allow-list; an empty list rejects
     everyone unless ``allow_any_caller`` is true. Timeouts are in seconds.
     ``max_pdu_bytes``: largest PDU we accept (0 = unlimited).
+    ``poll_interval_ms``: how long pynetdicom's network thread sleeps when idle (0.05-10 ms;
+    pynetdicom's own default is 1): lower is faster per C-STORE, costs more CPU while idle.
     """
 
     ae_title: str = "EDGE_AGENT"
@@ -91,6 +93,7 @@ class DicomConfig:
     network_timeout_s: float = 60.0
     max_pdu_bytes: int = 262_144
     shutdown_grace_s: float = 30.0
+    poll_interval_ms: float = 0.2
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -351,6 +354,10 @@ def validate(cfg: Config) -> None:
         v = getattr(d, name)
         if not 0 < v <= 3600:
             raise ConfigError(f"dicom.{name}", f"must be in (0, 3600] seconds, got {v}")
+    if not 0.05 <= d.poll_interval_ms <= 10:
+        raise ConfigError(
+            "dicom.poll_interval_ms", f"must be 0.05..10 ms, got {d.poll_interval_ms}"
+        )
     if d.max_pdu_bytes != 0 and not 4096 <= d.max_pdu_bytes <= 2**32 - 1:
         raise ConfigError("dicom.max_pdu_bytes", "must be 0 (unlimited) or 4096..4294967295")
     if not d.allowed_callers and not d.allow_any_caller:

@@ -43,6 +43,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -123,6 +124,11 @@ class DicomListener:
 
     def _build_ae(self) -> AE:
         cfg = self._cfg
+        # pynetdicom's "standard" handlers decode and format every DIMSE message for its
+        # debug log even when nothing is logged (~5% of a small C-STORE); keep them only when
+        # its logger is at DEBUG. (A pynetdicom module setting: this process has one AE.)
+        debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+        pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         ae.acse_timeout = cfg.acse_timeout_s
@@ -148,6 +154,7 @@ class DicomListener:
     def start(self) -> None:
         """Bind and serve in background threads. Raises ``OSError`` if the port is taken."""
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -204,6 +211,15 @@ class DicomListener:
         return ctx
 
     # -- handlers (run on association threads) -------------------------------------------
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do, so every
+        # response waits up to one interval before it is sent (default 1 ms). A shorter
+        # interval raises C-STORE throughput ~35% for small instances at the cost of more
+        # wake-ups while an association sits idle (README: dicom.poll_interval_ms).
+        dul = event.assoc.dul
+        if hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = self._cfg.poll_interval_ms / 1000.0
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
