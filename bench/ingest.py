@@ -47,6 +47,7 @@ AE_TITLE = "EDGE_BENCH"
 CALLING_AE = "STORESCU"
 ECHO_AE = "ECHOSCU"
 RECEIVERS = ("agent", "storescp")
+NOFSYNC = "nofsync"  # the agent with storage.fsync = false: shows what durability costs
 CONCURRENCY = (1, 4)
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0  # the agent gives in-flight associations up to 30 s on SIGTERM
@@ -299,10 +300,15 @@ def run_agent(
     run_dir: Path,
     timeout: float,
     profile_out: Path | None = None,
+    *,
+    fsync: bool = True,
 ) -> Run:
     port = free_port()
     agent_dir = run_dir / "agent"
     cfg = init_agent(agent_dir, port)
+    if not fsync:
+        text = cfg.read_text()
+        cfg.write_text(text.replace("fsync = true", "fsync = false", 1))
     log_path = run_dir / "agent.log"
     if profile_out is None:
         cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)]
@@ -322,7 +328,7 @@ def run_agent(
         )
     levels, problems = scan_agent_log(log_path)
     return Run(
-        "agent",
+        "agent" if fsync else NOFSYNC,
         ds.name,
         associations,
         seconds,
@@ -564,7 +570,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
             }
         )
     for row in rows:
-        if row["receiver"] != "agent":
+        if row["receiver"] not in ("agent", NOFSYNC):
             continue
         ref = next(
             (
@@ -604,9 +610,10 @@ def print_table(rows: list[dict[str, Any]], datasets: dict[str, DataSet]) -> Non
     )
     for r in rows:
         iv = r["interval_ms_last_run"]
-        if r["receiver"] == "agent" and iv:
+        if r["receiver"] in ("agent", NOFSYNC) and iv:
             print(
-                f"  {r['dataset']:<8} {r['associations']} assoc.: p50 {iv['p50']:.2f}  "
+                f"  {r['receiver']:<8} {r['dataset']:<6} {r['associations']} assoc.: "
+                f"p50 {iv['p50']:.2f}  "
                 f"p95 {iv['p95']:.2f}  p99 {iv['p99']:.2f}  max {iv['max']:.2f}"
             )
 
@@ -659,6 +666,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--timeout", type=float, default=900.0, help="seconds one send may take (default 900)"
     )
     p.add_argument("--keep", action="store_true", help="keep sample files and received data")
+    p.add_argument(
+        "--with-nofsync",
+        action="store_true",
+        help="also run the agent with storage.fsync = false (NOT a production setting: "
+        "shows what durability costs)",
+    )
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
@@ -698,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for ds in datasets.values():
             for assoc in CONCURRENCY:
                 for rep in range(args.repeat):
-                    for receiver in RECEIVERS:
+                    for receiver in RECEIVERS + ((NOFSYNC,) if args.with_nofsync else ()):
                         n += 1
                         run_dir = work / f"{n:02d}-{ds.name}-{assoc}a-{receiver}-r{rep + 1}"
                         run_dir.mkdir(parents=True)
@@ -708,8 +721,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             end="",
                             flush=True,
                         )
-                        if receiver == "agent":
-                            run = run_agent(ds, assoc, run_dir, args.timeout)
+                        if receiver in ("agent", NOFSYNC):
+                            run = run_agent(
+                                ds, assoc, run_dir, args.timeout, fsync=receiver == "agent"
+                            )
                         else:
                             run = run_storescp(ds, assoc, run_dir, args.timeout, args.storescp_pdu)
                         print(f"{run.seconds:.3f} s, {run.inst_per_s:.1f} inst/s", flush=True)
@@ -725,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nnotes:")
         for note in notes:
             print(f"  - {note}")
-        agent_logs = [r for r in runs if r.receiver == "agent"]
+        agent_logs = [r for r in runs if r.receiver in ("agent", NOFSYNC)]
         bad = sum(
             n
             for r in agent_logs
