@@ -39,6 +39,27 @@ def _tool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, env=env, check=False)
 
 
+def _send_truncated(port: int, source: Path, workdir: Path) -> tuple[int, str]:
+    """Send ``source`` with its last 1000 bytes cut off, as raw bytes (storescu refuses to
+    send a damaged file, a buggy modality would not). Returns (status, error comment)."""
+    from pynetdicom import AE
+    from pynetdicom import _config as pynetdicom_config
+
+    bad = workdir / "samples" / "truncated.dcm"
+    bad.write_bytes(source.read_bytes()[:-1000])
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes as they are
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])  # MR
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE_DEMO")
+    if not assoc.is_established:
+        return 0xFFFF, "association failed"
+    try:
+        rsp = assoc.send_c_store(bad)
+    finally:
+        assoc.release()
+    return int(rsp.Status), str(rsp.get("ErrorComment", ""))
+
+
 def run_demo(workdir: Path) -> int:
     """Run the demo in ``workdir`` (recreated). Returns the exit code."""
     for tool in ("storescu", "echoscu"):
@@ -187,6 +208,35 @@ def run_demo(workdir: Path) -> int:
 
         _step("edge-agent studies")
         cli_main(["studies", "--config", str(cfg)])
+
+        _step("a late CT slice arrives after the study completed: the study re-opens")
+        late = make_study(
+            samples / "ct-late",
+            modality="CT",
+            slices=len(ct.files) + 1,
+            size=512,
+            seed="demo-ct",
+            patient_id="DEMO-CT-1",
+            patient_name="DEMO^CT",
+        )
+        r = _tool(
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "EDGE_DEMO",
+            "127.0.0.1",
+            str(port),
+            str(late.files[-1]),
+        )
+        print(f"    storescu exit {r.returncode}")
+        cli_main(["studies", "--config", str(cfg), "--state", "RECEIVING"])
+
+        _step("a truncated instance is refused with 0xC000 and kept in quarantine")
+        status, comment = _send_truncated(port, mr.files[0], workdir)
+        print(f"    C-STORE status 0x{status:04X}: {comment}")
+        cli_main(["quarantine", "--config", str(cfg)])
+
         _step("edge-agent associations (audit trail)")
         cli_main(["associations", "--config", str(cfg), "--limit", "10"])
     finally:
