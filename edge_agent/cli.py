@@ -19,11 +19,14 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
 from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, EdgeError
+
+if TYPE_CHECKING:
+    from edge_agent.store import Store
 
 CONFIG_NAME = "edge-agent.toml"
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -256,7 +259,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_store(cfg: Config) -> Any:
+def _open_store(cfg: Config) -> Store:
     from edge_agent.store import Store
 
     db = Path(cfg.storage.data_dir) / cfg.storage.database
@@ -302,19 +305,27 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_quarantine(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+def _listing(
+    cfg: Config, table: str, order_by: str, args: argparse.Namespace, empty: str
+) -> list[dict[str, Any]]:
+    """Rows for a listing command; prints JSON or the empty message itself and then returns
+    no rows, so the caller only formats a non-empty text listing."""
     store = _open_store(cfg)
     try:
-        rows = store.rows("quarantine", order_by="received_at DESC", limit=args.limit)
+        rows = store.rows(table, order_by=order_by, limit=args.limit)
     finally:
         store.close()
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        return []
     if not rows:
-        print("quarantine is empty")
-        return EXIT_OK
+        print(empty)
+    return rows
+
+
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    rows = _listing(cfg, "quarantine", "received_at DESC", args, "quarantine is empty")
     qdir = cfg.storage.path("quarantine_dir")
     for r in rows:
         status = "none" if r["status"] < 0 else f"0x{r['status']:04X}"
@@ -327,17 +338,7 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def _cmd_associations(args: argparse.Namespace) -> int:
-    store = _open_store(_load(args))
-    try:
-        rows = store.rows("associations", order_by="started_at DESC", limit=args.limit)
-    finally:
-        store.close()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    if not rows:
-        print("no associations yet")
-        return EXIT_OK
+    rows = _listing(_load(args), "associations", "started_at DESC", args, "no associations yet")
     for r in rows:
         why = f" ({r['reject_reason']})" if r["reject_reason"] else ""
         print(

@@ -135,6 +135,40 @@ STORESCU_PROPOSE = {
 }
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``edge-agent run`` as a child process, output appended to ``log``."""
+    import sys
+
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_ready(port: int, ae_title: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the agent answers C-ECHO (fails with its log if it died or took > 30 s)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while (
+        run_tool("echoscu", "-aet", "ECHOSCU", "-aec", ae_title, "127.0.0.1", str(port)).returncode
+        != 0
+    ):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "agent did not come up:\n" + log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def wait_until(predicate: Any, timeout: float = 10.0) -> None:
     """Poll ``predicate`` until true (the association audit row is written when the peer has
     closed the connection, a moment after the DCMTK tool exits)."""

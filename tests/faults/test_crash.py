@@ -18,52 +18,20 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from tests.conftest import split_part10
+from tests.conftest import free_port, split_part10, start_agent, wait_ready
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 INSTANCES = 2000  # enough that every one of the kills lands while new data is being written
 MIN_KILLS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        r = subprocess.run(
-            ["echoscu", "-aet", "ECHOSCU", "-aec", "EDGE_CRASH", "127.0.0.1", str(port)],
-            capture_output=True,
-            check=False,
-        )
-        if r.returncode == 0:
-            return
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.05)
-    raise AssertionError("agent did not come up:\n" + log.read_text()[-3000:])
 
 
 def _acknowledged(storescu_stderr: str) -> set[str]:
@@ -111,7 +79,7 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> Non
     from edge_agent.samples import make_study
 
     rng = random.Random(int(os.environ.get("EDGE_CRASH_SEED", "20261125")))
-    port = _free_port()
+    port = free_port()
     root = tmp_path / "agent"
     assert (
         cli(
@@ -145,9 +113,9 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> Non
     kills = 0
     env = dict(os.environ, TCP_NODELAY="1")
     while kills < MIN_KILLS or len(acked) < len(expected):
-        agent = _start_agent(cfg, log)
+        agent = start_agent(cfg, log)
         try:
-            _wait_ready(port, agent, log)
+            wait_ready(port, "EDGE_CRASH", agent, log)
             _verify(root / "data", expected, acked)  # after recovery from the previous kill
             todo = [p for p in expected if p not in acked] or list(expected)[:20]
             rng.shuffle(todo)
@@ -185,9 +153,9 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> Non
         if kills >= MIN_KILLS + 10:  # pragma: no cover - keeps a broken agent from looping
             pytest.fail("instances still missing after the kills stopped")
 
-    agent = _start_agent(cfg, log)
+    agent = start_agent(cfg, log)
     try:
-        _wait_ready(port, agent, log)
+        wait_ready(port, "EDGE_CRASH", agent, log)
         _verify(root / "data", expected, acked)
     finally:
         agent.send_signal(signal.SIGTERM)

@@ -4,7 +4,6 @@ reference for "byte-identical to what was sent"."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from tests.conftest import (
     STORESCU_PROPOSE,
     TEST_FILES,
     associations_closed,
+    free_port,
     make_config,
     run_tool,
     split_part10,
@@ -40,12 +40,6 @@ SYNTAX_FILES = {
     "JPEG 2000": "JPEG2000.dcm",
     "RLE lossless": "MR_small_RLE.dcm",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.dcmtk
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _echo(port: int) -> int:
@@ -36,7 +32,7 @@ def test_sigterm_drains_in_flight_association(tmp_path: Path) -> None:
     from edge_agent.cli import main as cli
     from edge_agent.samples import make_study
 
-    port = _free_port()
+    port = free_port()
     root = tmp_path / "agent"
     assert (
         cli(
