@@ -1,0 +1,1 @@
+"""Inference: model packages, registry, routing, preprocessing, ONNX Runtime runner."""
