@@ -21,6 +21,8 @@ from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.dicom_listener import DicomListener
 from edge_agent.errors import EdgeError
+from edge_agent.inference.registry import Registry
+from edge_agent.inference.worker import InferenceWorker
 from edge_agent.metrics import Metrics, create_metrics
 from edge_agent.store import Spool, Store
 from edge_agent.studies.ingest import Ingestor
@@ -90,6 +92,11 @@ class EdgeApp:
         self.assembly = AssemblyWorker(
             cfg.studies, store=self.store, clock=self.clock, metrics=self.metrics
         )
+        self.registry = Registry(store=self.store, models_dir=cfg.models_dir(), clock=self.clock)
+        self.inference = InferenceWorker(
+            cfg, store=self.store, registry=self.registry, clock=self.clock, metrics=self.metrics
+        )
+        self.inference.recover()
 
     def _recover(self) -> RecoveryReport:
         """Undo what a crash left half-done. Nothing acknowledged is ever touched: a file that
@@ -164,6 +171,11 @@ class EdgeApp:
                 f"cannot listen on {d.bind_address}:{d.port}: {exc.strerror or exc}"
             ) from exc
         worker = asyncio.create_task(self.assembly.run(stop), name="assembly")
+        inference = (
+            asyncio.create_task(self.inference.run(stop), name="inference")
+            if self.cfg.inference.enabled
+            else None
+        )
         log.info("edge agent ready", extra={"port": self.listener.port})
         try:
             await stop.wait()
@@ -172,6 +184,9 @@ class EdgeApp:
             aborted = await asyncio.to_thread(self.listener.stop)
             stop.set()
             await worker
+            if inference is not None:
+                await inference
+            await asyncio.to_thread(self.inference.close)
             await asyncio.to_thread(self.close)
             log.info("edge agent stopped", extra={"aborted_associations": aborted})
 

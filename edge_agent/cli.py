@@ -26,6 +26,7 @@ from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, EdgeError
 
 if TYPE_CHECKING:
+    from edge_agent.inference.registry import Registry
     from edge_agent.store import Store
 
 CONFIG_NAME = "edge-agent.toml"
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent studies --config /srv/edge/edge-agent.toml --state COMPLETE",
     )
     _config_arg(sp)
-    sp.add_argument("--state", choices=["RECEIVING", "COMPLETE"])
+    sp.add_argument("--state", choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"])
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=_cmd_studies)
@@ -150,6 +151,43 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", type=int, default=512, help="rows and columns")
     sp.add_argument("--seed", default="sample")
     sp.set_defaults(func=_cmd_samples)
+
+    sp = add(
+        "models",
+        "installed model packages: list, install, activate, build the reference models",
+        "edge-agent models install ./ct-lesion-seg-1.0.0 --config /srv/edge/edge-agent.toml",
+    )
+    msub = sp.add_subparsers(title="models commands", metavar="ACTION")
+    mp = msub.add_parser("list", help="installed versions, the active one marked")
+    _config_arg(mp)
+    mp.add_argument("--json", action="store_true")
+    mp.set_defaults(func=_cmd_models_list)
+    mp = msub.add_parser("install", help="verify and install a package folder or .tar")
+    _config_arg(mp)
+    mp.add_argument("package", type=Path)
+    mp.add_argument("--activate", action="store_true", help="make it the active version")
+    mp.set_defaults(func=_cmd_models_install)
+    mp = msub.add_parser("activate", help="make an installed version the active one")
+    _config_arg(mp)
+    mp.add_argument("name")
+    mp.add_argument("version")
+    mp.set_defaults(func=_cmd_models_activate)
+    mp = msub.add_parser("build-reference", help="write the reference model packages to DIR")
+    mp.add_argument("dir", type=Path)
+    mp.add_argument("--large", action="store_true", help="also the ResNet-50-sized one (~95 MB)")
+    mp.set_defaults(func=_cmd_models_build)
+
+    sp = add(
+        "results",
+        "inference results (current ones; --all includes superseded)",
+        "edge-agent results 1.2.840.113619.2.55.3 --config /srv/edge/edge-agent.toml",
+    )
+    _config_arg(sp)
+    sp.add_argument("study_uid", nargs="?", help="only this study")
+    sp.add_argument("--all", action="store_true", help="include superseded results")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_results)
 
     sp = add(
         "associations",
@@ -211,6 +249,100 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {cfg_path}")
     print(f"data folders under {cfg.storage.data_dir}")
     print(f"start with: edge-agent run --config {cfg_path}")
+    return EXIT_OK
+
+
+def _registry(cfg: Config) -> tuple[Store, Registry]:
+    from edge_agent.clock import SystemClock
+    from edge_agent.inference.registry import Registry
+    from edge_agent.store import Store
+
+    db = Path(cfg.storage.data_dir) / cfg.storage.database
+    store = Store(db)
+    return store, Registry(store=store, models_dir=cfg.models_dir(), clock=SystemClock())
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    store, reg = _registry(_load(args))
+    try:
+        models = reg.installed()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([m.__dict__ for m in models], indent=2))
+    elif not models:
+        print("no models installed (edge-agent models install PACKAGE)")
+    for m in [] if args.json else models:
+        mark = "*" if m.active else " "
+        print(
+            f"{mark} {m.name:<24} {m.version:<12} {m.task:<15} model sha256 "
+            f"{m.model_sha256[:16]}  installed {_fmt_time(m.installed_at)}"
+        )
+    return EXIT_OK
+
+
+def _cmd_models_install(args: argparse.Namespace) -> int:
+    store, reg = _registry(_load(args))
+    try:
+        m = reg.install(args.package, activate=args.activate)
+    finally:
+        store.close()
+    print(f"installed {m.name} {m.version} ({m.task})" + (", active" if m.active else ""))
+    return EXIT_OK
+
+
+def _cmd_models_activate(args: argparse.Namespace) -> int:
+    store, reg = _registry(_load(args))
+    try:
+        reg.activate(args.name, args.version)
+    finally:
+        store.close()
+    print(f"{args.name} {args.version} is now active")
+    return EXIT_OK
+
+
+def _cmd_models_build(args: argparse.Namespace) -> int:
+    from edge_agent.inference.reference_models import build_reference_packages
+
+    for root in build_reference_packages(args.dir, large=args.large):
+        print(f"wrote {root}")
+    return EXIT_OK
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from edge_agent.results.store import list_results
+
+    store = _open_store(_load(args))
+    try:
+        with store.read() as conn:
+            results = list_results(
+                conn, study_uid=args.study_uid, include_superseded=args.all, limit=args.limit
+            )
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+        return EXIT_OK
+    if not results:
+        print("no results yet")
+    for r in results:
+        f = r.findings
+        if r.task == "segmentation":
+            summary = (
+                f"{f['label']}: {f['slices_with_finding']}/{f['slices']} slices, "
+                f"max area {f['max_slice_area_mm2']} mm2, volume {f['volume_mm3']} mm3, "
+                f"mean {f['mean_intensity']}"
+            )
+        else:
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in f["probabilities"].items())
+            summary = f"top {f['top_label']} ({probs})"
+        flags = (" CRITICAL" if r.critical else "") + (" (superseded)" if r.superseded_by else "")
+        print(
+            f"{_fmt_time(r.created_at)}  {r.model_name} {r.model_version} on {r.provider}"
+            f"{flags}\n    study {r.study_uid}\n    series {r.series_uid}\n    {summary}"
+            f"\n    result {r.result_id}, {r.instances} instance(s), "
+            f"inference {r.inference_ms:.0f} ms"
+        )
     return EXIT_OK
 
 

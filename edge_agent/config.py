@@ -149,13 +149,41 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InferenceConfig:
+    """Model execution.
+
+    ``enabled``: run models on COMPLETE studies. ``providers``: execution providers in order
+    of preference (``tensorrt``, ``cuda``, ``cpu``), filtered by what onnxruntime offers.
+    ``device_ids``: one inference worker per GPU id (ignored on CPU: one worker).
+    ``max_batch_size``: cap on a model's own batch size. ``intra_op_threads``: ONNX Runtime
+    CPU threads per session (0 = its default). ``models_dir``: installed packages
+    (relative = inside ``storage.data_dir``). ``max_attempts``: a job that crashed the runner
+    this many times is FAILED.
+    """
+
+    enabled: bool = True
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    device_ids: tuple[int, ...] = (0,)
+    max_batch_size: int = 16
+    intra_op_threads: int = 0
+    models_dir: str = "models"
+    max_attempts: int = 2
+    check_interval_s: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole agent configuration."""
 
     dicom: DicomConfig = field(default_factory=DicomConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def models_dir(self) -> Path:
+        p = Path(self.inference.models_dir)
+        return p if p.is_absolute() else Path(self.storage.data_dir) / p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +321,13 @@ def _convert(t: Any, value: Any, where: str) -> Any:
         return str(value)
     if t == tuple[AllowedCaller, ...]:
         return _callers(value, where)
+    if t in (tuple[str, ...], tuple[int, ...]):
+        item = str if t == tuple[str, ...] else int
+        if isinstance(value, _EnvValue):
+            value = [_EnvValue(v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(where, "expected a list")
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if t == Mapping[str, float]:
         if isinstance(value, _EnvValue):
             value = _parse_pairs(value, where)
@@ -410,6 +445,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"studies.quiet_period_by_modality.{mod}", "must be in (0, 86400] s")
     if not 0 < st.check_interval_s <= 60:
         raise ConfigError("studies.check_interval_s", "must be in (0, 60] seconds")
+
+    inf = cfg.inference
+    if not inf.providers:
+        raise ConfigError("inference.providers", "must list at least one provider")
+    for i, name in enumerate(inf.providers):
+        if name not in ("tensorrt", "cuda", "cpu"):
+            raise ConfigError(
+                f"inference.providers[{i}]", f"unknown provider {name!r} (tensorrt, cuda, cpu)"
+            )
+    if not inf.device_ids or any(d < 0 for d in inf.device_ids):
+        raise ConfigError("inference.device_ids", "must list GPU ids >= 0")
+    if not 1 <= inf.max_batch_size <= 1024:
+        raise ConfigError("inference.max_batch_size", "must be 1..1024")
+    if inf.intra_op_threads < 0:
+        raise ConfigError("inference.intra_op_threads", "must be >= 0")
+    if not inf.models_dir:
+        raise ConfigError("inference.models_dir", "must not be empty")
+    if not 1 <= inf.max_attempts <= 10:
+        raise ConfigError("inference.max_attempts", "must be 1..10")
+    if not 0 < inf.check_interval_s <= 60:
+        raise ConfigError("inference.check_interval_s", "must be in (0, 60] seconds")
 
     if cfg.logging.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")

@@ -12,12 +12,14 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from edge_agent.cli import main as cli_main
+from edge_agent.inference.reference_models import build_reference_packages
 from edge_agent.samples import make_study
 
 QUIET_PERIOD_S = 3.0
@@ -37,6 +39,23 @@ def _tool(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TCP_NODELAY="1")
     print("    $ " + " ".join(args[:8]) + (" ..." if len(args) > 8 else ""), flush=True)
     return subprocess.run(list(args), capture_output=True, text=True, env=env, check=False)
+
+
+def _wait_settled(db: Path, timeout: float = 120.0) -> None:
+    """Until no study is RECEIVING, COMPLETE or INFERRING (read-only look at the store)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            (busy,) = conn.execute(
+                "SELECT count(*) FROM studies WHERE state IN ('RECEIVING', 'COMPLETE', 'INFERRING')"
+            ).fetchone()
+        finally:
+            conn.close()
+        if busy == 0:
+            return
+        time.sleep(0.3)
+    print("    (gave up waiting; showing what there is)")
 
 
 def _send_truncated(port: int, source: Path, workdir: Path) -> tuple[int, str]:
@@ -90,6 +109,10 @@ def run_demo(workdir: Path) -> int:
         ]
     )
     cfg = workdir / "edge-agent.toml"
+
+    _step("building the reference models in code and installing them")
+    for root in build_reference_packages(workdir / "model-packages"):
+        cli_main(["models", "install", str(root), "--config", str(cfg)])
 
     _step("generating synthetic sample studies")
     samples = workdir / "samples"
@@ -183,31 +206,15 @@ def run_demo(workdir: Path) -> int:
         )
         print("    " + (r.stderr.strip().splitlines() or ["(no output)"])[-1])
 
-        _step(f"waiting for the studies to complete (quiet period {QUIET_PERIOD_S:g} s)")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "edge_agent",
-                    "studies",
-                    "--config",
-                    str(cfg),
-                    "--state",
-                    "RECEIVING",
-                    "--json",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.strip()
-            if out == "[]":
-                break
-            time.sleep(0.5)
-
+        _step(
+            f"waiting for the studies to complete (quiet period {QUIET_PERIOD_S:g} s) "
+            "and for the models to run"
+        )
+        _wait_settled(workdir / "data" / "edge.db")
         _step("edge-agent studies")
         cli_main(["studies", "--config", str(cfg)])
+        _step("edge-agent results (reference models: CT lesion segmentation, 2D classifier)")
+        cli_main(["results", "--config", str(cfg)])
 
         _step("a late CT slice arrives after the study completed: the study re-opens")
         late = make_study(
@@ -231,6 +238,9 @@ def run_demo(workdir: Path) -> int:
         )
         print(f"    storescu exit {r.returncode}")
         cli_main(["studies", "--config", str(cfg), "--state", "RECEIVING"])
+        _wait_settled(workdir / "data" / "edge.db")
+        print("    ... complete again; the new results supersede the old ones (never overwrite):")
+        cli_main(["results", ct.study_uid, "--all", "--config", str(cfg)])
 
         _step("a truncated instance is refused with 0xC000 and kept in quarantine")
         status, comment = _send_truncated(port, mr.files[0], workdir)

@@ -17,6 +17,8 @@ class Metrics:
     store_seconds: Histogram
     studies_completed: Counter
     studies_reopened: Counter
+    inference_jobs: Counter
+    inference_seconds: Histogram
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -58,5 +60,18 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         studies_reopened=Counter(
             "edge_studies_reopened_total", "Late arrivals that re-opened a study", registry=reg
+        ),
+        inference_jobs=Counter(
+            "edge_inference_jobs_total",
+            "Inference jobs by model and outcome (done, retry, failed)",
+            ["model", "outcome"],
+            registry=reg,
+        ),
+        inference_seconds=Histogram(
+            "edge_inference_seconds",
+            "Job time (load, preprocess, run, postprocess)",
+            ["model", "provider"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=reg,
         ),
     )

@@ -125,6 +125,63 @@ MIGRATIONS: Sequence[Migration] = (
         CREATE INDEX study_events_study ON study_events(study_uid);
         """,
     ),
+    Migration(
+        "0002_inference",
+        """
+        CREATE TABLE model_versions (
+            name            TEXT NOT NULL,
+            version         TEXT NOT NULL,
+            task            TEXT NOT NULL,
+            manifest_sha256 TEXT NOT NULL,
+            model_sha256    TEXT NOT NULL,
+            path            TEXT NOT NULL,             -- package folder, relative to models_dir
+            manifest        TEXT NOT NULL,             -- manifest.json as installed
+            installed_at    REAL NOT NULL,
+            active          INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (name, version)
+        );
+        CREATE UNIQUE INDEX model_versions_one_active ON model_versions(name) WHERE active = 1;
+
+        CREATE TABLE inference_jobs (
+            id              INTEGER PRIMARY KEY,
+            study_uid       TEXT NOT NULL REFERENCES studies(study_uid),
+            series_uid      TEXT NOT NULL,
+            model_name      TEXT NOT NULL,
+            model_version   TEXT NOT NULL,
+            state           TEXT NOT NULL,             -- PENDING|RUNNING|DONE|FAILED|CANCELLED
+            round           INTEGER NOT NULL,          -- studies.reopen_count when created
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            created_at      REAL NOT NULL,
+            started_at      REAL,
+            finished_at     REAL,
+            error           TEXT,
+            result_id       TEXT
+        );
+        CREATE INDEX inference_jobs_state ON inference_jobs(state, id);
+        CREATE INDEX inference_jobs_study ON inference_jobs(study_uid);
+
+        CREATE TABLE results (
+            result_id       TEXT PRIMARY KEY,          -- UUIDv7
+            job_id          INTEGER NOT NULL REFERENCES inference_jobs(id),
+            study_uid       TEXT NOT NULL,
+            series_uid      TEXT NOT NULL,
+            model_name      TEXT NOT NULL,
+            model_version   TEXT NOT NULL,
+            model_sha256    TEXT NOT NULL,
+            provider        TEXT NOT NULL,
+            task            TEXT NOT NULL,
+            findings        TEXT NOT NULL,             -- JSON
+            critical        INTEGER NOT NULL,
+            instances       INTEGER NOT NULL,
+            preprocess_ms   REAL NOT NULL,
+            inference_ms    REAL NOT NULL,
+            created_at      REAL NOT NULL,
+            supersedes      TEXT,                      -- the result this one replaces
+            superseded_by   TEXT                       -- set once, never the findings
+        );
+        CREATE INDEX results_study ON results(study_uid, model_name);
+        """,
+    ),
 )
 
 

@@ -13,17 +13,25 @@ class StudyState(StrEnum):
     """Where a study is in its life.
 
     RECEIVING: instances are arriving. COMPLETE: quiet period passed or expected count met;
-    ready for inference. Later issues add states after COMPLETE (INFERRING, DONE, FAILED).
+    ready for inference. INFERRING: its inference jobs are queued or running. DONE: every job
+    finished (or no model applies). FAILED: at least one job failed (reason in study_events).
     """
 
     RECEIVING = "RECEIVING"
     COMPLETE = "COMPLETE"
+    INFERRING = "INFERRING"
+    DONE = "DONE"
+    FAILED = "FAILED"
 
 
-#: Allowed transitions. COMPLETE -> RECEIVING is a late arrival re-opening the study.
+#: Allowed transitions. Any -> RECEIVING is a late arrival re-opening the study (its new
+#: results will supersede the old ones).
 TRANSITIONS: Mapping[StudyState, frozenset[StudyState]] = {
     StudyState.RECEIVING: frozenset({StudyState.COMPLETE}),
-    StudyState.COMPLETE: frozenset({StudyState.RECEIVING}),
+    StudyState.COMPLETE: frozenset({StudyState.RECEIVING, StudyState.INFERRING}),
+    StudyState.INFERRING: frozenset({StudyState.RECEIVING, StudyState.DONE, StudyState.FAILED}),
+    StudyState.DONE: frozenset({StudyState.RECEIVING}),
+    StudyState.FAILED: frozenset({StudyState.RECEIVING}),
 }
 
 

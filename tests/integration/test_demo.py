@@ -24,9 +24,14 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "CT: storescu exit 0" in out and "MR: storescu exit 0" in out
     assert "Calling AE Title Not Recognized" in out
     listing = out.split("==> edge-agent studies", 1)[1].split("==>", 1)[0]
-    assert listing.count("COMPLETE") == 4
+    assert listing.count("DONE") == 4  # complete, inferred
     assert "DEMO-CT-1" in listing and "DEMO-MR-1" in listing
+    results = out.split("==> edge-agent results", 1)[1].split("==>", 1)[0]
+    assert results.count("ct-lesion-seg 1.0.0 on CPUExecutionProvider") == 1
+    assert results.count("resnet-mini 1.0.0 on CPUExecutionProvider") == 3  # CT, 2 x MR (not NM)
+    assert "lesion: 19/40 slices" in results
     late = out.split("the study re-opens", 1)[1].split("==>", 1)[0]
     assert "RECEIVING" in late and " 41    1 DEMO-CT-1" in late
+    assert late.count("(superseded)") == 2 and "lesion: 19/41 slices" in late
     assert "C-STORE status 0xC000: malformed or truncated dataset" in out
     assert "agent exited with 0" in out

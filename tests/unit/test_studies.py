@@ -36,9 +36,13 @@ from tests.conftest import make_config
 
 
 def test_transition_table_is_exactly_this() -> None:
+    S = StudyState  # noqa: N806 - short alias keeps the table readable
     assert dict(TRANSITIONS) == {
-        StudyState.RECEIVING: frozenset({StudyState.COMPLETE}),
-        StudyState.COMPLETE: frozenset({StudyState.RECEIVING}),
+        S.RECEIVING: frozenset({S.COMPLETE}),
+        S.COMPLETE: frozenset({S.RECEIVING, S.INFERRING}),
+        S.INFERRING: frozenset({S.RECEIVING, S.DONE, S.FAILED}),
+        S.DONE: frozenset({S.RECEIVING}),
+        S.FAILED: frozenset({S.RECEIVING}),
     }
 
 

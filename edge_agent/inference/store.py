@@ -1,0 +1,211 @@
+"""SQL for inference jobs and the study states they drive (inside the writer's transaction)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from edge_agent.inference.models import Job, JobState
+from edge_agent.results.models import Result
+from edge_agent.results.store import insert_result
+from edge_agent.studies.models import StudyState, check_transition
+
+
+def _event(
+    conn: sqlite3.Connection,
+    study_uid: str,
+    now: float,
+    old: StudyState,
+    new: StudyState,
+    reason: str,
+) -> None:
+    check_transition(old, new)
+    conn.execute("UPDATE studies SET state = ? WHERE study_uid = ?", (new.value, study_uid))
+    conn.execute(
+        "INSERT INTO study_events (study_uid, at, from_state, to_state, reason) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (study_uid, now, old.value, new.value, reason),
+    )
+
+
+def complete_studies(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    """(study_uid, reopen_count) of studies waiting in COMPLETE."""
+    return [
+        (r[0], int(r[1]))
+        for r in conn.execute(
+            "SELECT study_uid, reopen_count FROM studies WHERE state = ? ORDER BY completed_at",
+            (StudyState.COMPLETE.value,),
+        )
+    ]
+
+
+def schedule_study(
+    conn: sqlite3.Connection,
+    *,
+    study_uid: str,
+    round_: int,
+    jobs: Sequence[tuple[str, str, str]],
+    now: float,
+) -> bool:
+    """COMPLETE -> INFERRING with ``jobs`` [(series_uid, model, version)], or straight to
+    DONE when no model applies. No-op (False) if the study changed meanwhile."""
+    row = conn.execute(
+        "SELECT state, reopen_count FROM studies WHERE study_uid = ?", (study_uid,)
+    ).fetchone()
+    if row is None or row[0] != StudyState.COMPLETE.value or int(row[1]) != round_:
+        return False
+    if not jobs:
+        _event(conn, study_uid, now, StudyState.COMPLETE, StudyState.INFERRING, "no model applies")
+        _event(conn, study_uid, now, StudyState.INFERRING, StudyState.DONE, "no model applies")
+        return True
+    conn.executemany(
+        "INSERT INTO inference_jobs (study_uid, series_uid, model_name, model_version, state,"
+        " round, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(study_uid, s, m, v, JobState.PENDING.value, round_, now) for s, m, v in jobs],
+    )
+    _event(
+        conn,
+        study_uid,
+        now,
+        StudyState.COMPLETE,
+        StudyState.INFERRING,
+        f"{len(jobs)} inference job(s)",
+    )
+    return True
+
+
+def _job(r: sqlite3.Row) -> Job:
+    return Job(
+        id=r["id"],
+        study_uid=r["study_uid"],
+        series_uid=r["series_uid"],
+        model_name=r["model_name"],
+        model_version=r["model_version"],
+        state=JobState(r["state"]),
+        round=r["round"],
+        attempts=r["attempts"],
+    )
+
+
+def claim_job(conn: sqlite3.Connection, *, now: float) -> Job | None:
+    """Take the oldest PENDING job: RUNNING, attempts + 1. A job whose study was re-opened
+    (late arrival: a newer round will be scheduled) is CANCELLED instead, and the next one
+    is tried."""
+    while True:
+        r = conn.execute(
+            "SELECT j.*, s.state AS study_state, s.reopen_count FROM inference_jobs j "
+            "JOIN studies s USING (study_uid) WHERE j.state = ? ORDER BY j.id LIMIT 1",
+            (JobState.PENDING.value,),
+        ).fetchone()
+        if r is None:
+            return None
+        if r["study_state"] != StudyState.INFERRING.value or r["reopen_count"] != r["round"]:
+            conn.execute(
+                "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                (JobState.CANCELLED.value, now, "study re-opened by a late arrival", r["id"]),
+            )
+            continue
+        conn.execute(
+            "UPDATE inference_jobs SET state = ?, attempts = attempts + 1, "
+            "started_at = ? WHERE id = ?",
+            (JobState.RUNNING.value, now, r["id"]),
+        )
+        job = _job(r)
+        return Job(**{**job.__dict__, "state": JobState.RUNNING, "attempts": job.attempts + 1})
+
+
+def _maybe_finish_study(conn: sqlite3.Connection, job: Job, now: float) -> None:
+    row = conn.execute(
+        "SELECT state, reopen_count FROM studies WHERE study_uid = ?", (job.study_uid,)
+    ).fetchone()
+    if row is None or row[0] != StudyState.INFERRING.value or int(row[1]) != job.round:
+        return
+    states = [
+        r[0]
+        for r in conn.execute(
+            "SELECT state FROM inference_jobs WHERE study_uid = ? AND round = ?",
+            (job.study_uid, job.round),
+        )
+    ]
+    if any(s in (JobState.PENDING.value, JobState.RUNNING.value) for s in states):
+        return
+    failed = states.count(JobState.FAILED.value)
+    if failed:
+        _event(
+            conn,
+            job.study_uid,
+            now,
+            StudyState.INFERRING,
+            StudyState.FAILED,
+            f"{failed} of {len(states)} inference job(s) failed",
+        )
+    else:
+        _event(
+            conn,
+            job.study_uid,
+            now,
+            StudyState.INFERRING,
+            StudyState.DONE,
+            f"{len(states)} result(s)",
+        )
+
+
+def finish_job(conn: sqlite3.Connection, *, job: Job, result: Result, now: float) -> None:
+    """Store the result (superseding the previous one) and close the job, in one go."""
+    insert_result(conn, result)
+    conn.execute(
+        "UPDATE inference_jobs SET state = ?, finished_at = ?, result_id = ? "
+        "WHERE id = ? AND state = ?",
+        (JobState.DONE.value, now, result.result_id, job.id, JobState.RUNNING.value),
+    )
+    _maybe_finish_study(conn, job, now)
+
+
+def fail_job(conn: sqlite3.Connection, *, job: Job, error: str, retry: bool, now: float) -> None:
+    """FAILED with ``error``, or back to PENDING when ``retry`` (a transient failure)."""
+    state = JobState.PENDING if retry else JobState.FAILED
+    conn.execute(
+        "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+        (state.value, None if retry else now, error[:2000], job.id),
+    )
+    if not retry:
+        _maybe_finish_study(conn, job, now)
+
+
+def recover_jobs(conn: sqlite3.Connection, *, max_attempts: int, now: float) -> tuple[int, int]:
+    """After a crash: RUNNING jobs go back to PENDING, or FAILED once they have crashed the
+    runner ``max_attempts`` times. Returns (requeued, failed)."""
+    requeued = failed = 0
+    rows = conn.execute(
+        "SELECT * FROM inference_jobs WHERE state = ?", (JobState.RUNNING.value,)
+    ).fetchall()
+    for r in rows:
+        job = _job(r)
+        if job.attempts >= max_attempts:
+            fail_job(
+                conn,
+                job=job,
+                retry=False,
+                now=now,
+                error=f"the runner crashed {job.attempts} times on this job",
+            )
+            failed += 1
+        else:
+            conn.execute(
+                "UPDATE inference_jobs SET state = ? WHERE id = ?", (JobState.PENDING.value, job.id)
+            )
+            requeued += 1
+    return requeued, failed
+
+
+def series_instances(conn: sqlite3.Connection, series_uid: str) -> list[tuple[str, str, str]]:
+    """(sop_instance_uid, tier, path) of the latest version of each instance of a series."""
+    return [
+        (r[0], r[1], r[2])
+        for r in conn.execute(
+            "SELECT i.sop_instance_uid, i.tier, i.path FROM instances i WHERE i.series_uid = ? "
+            "AND i.version = (SELECT max(version) FROM instances j "
+            "WHERE j.sop_instance_uid = i.sop_instance_uid)",
+            (series_uid,),
+        )
+    ]

@@ -1,0 +1,320 @@
+"""The inference worker: COMPLETE studies -> jobs (routing) -> results.
+
+Scheduling and job execution are separate loops. Each inference device (a GPU id, or the CPU)
+has one executor thread, so one model call runs per device at a time; ONNX Runtime sessions
+are cached per (model, version, device). Jobs are claimed in a transaction (attempts + 1)
+before they run, so a crash mid-job is seen at restart (:meth:`recover`) and the job retried,
+until it has crashed the runner ``max_attempts`` times. Long work (DICOM decoding,
+preprocessing, inference) never holds a write transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pydicom
+from pydicom.dataset import Dataset
+
+from edge_agent.clock import Clock
+from edge_agent.config import Config
+from edge_agent.errors import PermanentError, UntrustedError
+from edge_agent.inference.models import Job
+from edge_agent.inference.postprocess import classification_findings, segmentation_findings
+from edge_agent.inference.preprocess import frames, preprocess_frame
+from edge_agent.inference.registry import InstalledModel, Registry, RegistryError
+from edge_agent.inference.routing import SeriesFacts, matches
+from edge_agent.inference.runner import PROVIDERS, ModelRunner
+from edge_agent.inference.store import (
+    claim_job,
+    complete_studies,
+    fail_job,
+    finish_job,
+    recover_jobs,
+    schedule_study,
+    series_instances,
+)
+from edge_agent.metrics import Metrics
+from edge_agent.results.models import Result, uuid7
+from edge_agent.store import Store
+
+log = logging.getLogger(__name__)
+
+CPU_DEVICE = -1
+
+
+class InferenceWorker:
+    def __init__(
+        self, cfg: Config, *, store: Store, registry: Registry, clock: Clock, metrics: Metrics
+    ) -> None:
+        self._cfg = cfg
+        self._inf = cfg.inference
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self._metrics = metrics
+        available = set(ort.get_available_providers())
+        gpu = any(PROVIDERS[p] in available for p in self._inf.providers if p != "cpu")
+        self.devices: tuple[int, ...] = self._inf.device_ids if gpu else (CPU_DEVICE,)
+        self._executors = {
+            d: ThreadPoolExecutor(1, thread_name_prefix=f"inference-{d}") for d in self.devices
+        }
+        self._runners: dict[tuple[str, str, int], ModelRunner] = {}
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def recover(self) -> tuple[int, int]:
+        """Requeue or fail jobs left RUNNING by a crash."""
+        requeued, failed = self._store.writer.call(
+            partial(recover_jobs, max_attempts=self._inf.max_attempts, now=self._clock.now())
+        )
+        if requeued or failed:
+            log.warning(
+                "inference jobs recovered after a crash",
+                extra={"requeued": requeued, "failed": failed},
+            )
+        return requeued, failed
+
+    def _facts(self, study_uid: str) -> list[SeriesFacts]:
+        with self._store.read() as conn:
+            series = conn.execute(
+                "SELECT series_uid, modality, body_part, description, instance_count "
+                "FROM series WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchall()
+            out = []
+            for s in series:
+                classes = frozenset(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT DISTINCT sop_class_uid FROM instances WHERE series_uid = ?",
+                        (s["series_uid"],),
+                    )
+                )
+                first = series_instances(conn, s["series_uid"])[:1]
+                rows = cols = 0
+                if first:
+                    hdr = pydicom.dcmread(
+                        self._path(first[0][1], first[0][2]),
+                        stop_before_pixels=True,
+                        specific_tags=["Rows", "Columns"],
+                    )
+                    rows, cols = int(hdr.get("Rows", 0) or 0), int(hdr.get("Columns", 0) or 0)
+                out.append(
+                    SeriesFacts(
+                        series_uid=s["series_uid"],
+                        modality=s["modality"],
+                        body_part=s["body_part"],
+                        sop_classes=classes,
+                        series_description=s["description"],
+                        rows=rows,
+                        columns=cols,
+                        slices=int(s["instance_count"]),
+                    )
+                )
+        return out
+
+    def _path(self, tier: str, relpath: str) -> Path:
+        return self._cfg.storage.path(f"{tier}_dir") / relpath
+
+    def schedule(self) -> int:
+        """Create jobs for every COMPLETE study; returns how many studies were scheduled."""
+        with self._store.read() as conn:
+            waiting = complete_studies(conn)
+        if not waiting:
+            return 0
+        # Route on the manifests recorded at install; the files are verified when a job runs,
+        # so a package damaged on disk gives FAILED jobs with the reason, not silence.
+        active = [(m, m.manifest()) for m in self._registry.active()]
+        done = 0
+        for study_uid, round_ in waiting:
+            jobs = [
+                (facts.series_uid, m.name, m.version)
+                for facts in self._facts(study_uid)
+                for m, manifest in active
+                if matches(manifest.routing, facts)
+            ]
+            if self._store.writer.call(
+                partial(
+                    schedule_study,
+                    study_uid=study_uid,
+                    round_=round_,
+                    jobs=jobs,
+                    now=self._clock.now(),
+                )
+            ):
+                done += 1
+                log.info(
+                    "study scheduled for inference",
+                    extra={"study_uid": study_uid, "jobs": len(jobs)},
+                )
+        return done
+
+    # -- execution ---------------------------------------------------------------------------
+
+    def _runner(self, model: InstalledModel, device: int) -> ModelRunner:
+        key = (model.name, model.version, device)
+        runner = self._runners.get(key)
+        if runner is None:
+            providers = ["cpu"] if device == CPU_DEVICE else list(self._inf.providers)
+            runner = ModelRunner(
+                self._registry.load(model),
+                providers=providers,
+                device_id=max(device, 0),
+                max_batch_size=self._inf.max_batch_size,
+                intra_op_threads=self._inf.intra_op_threads,
+            )
+            self._runners[key] = runner
+        return runner
+
+    def _load_series(self, series_uid: str) -> list[Dataset]:
+        with self._store.read() as conn:
+            rows = series_instances(conn, series_uid)
+        dss = [pydicom.dcmread(self._path(tier, path)) for _, tier, path in rows]
+
+        def order(ds: Dataset) -> tuple[float, float]:
+            pos = ds.get("ImagePositionPatient")
+            z = float(pos[2]) if pos is not None and len(pos) == 3 else 0.0
+            try:
+                n = float(ds.get("InstanceNumber", 0) or 0)
+            except (TypeError, ValueError):
+                n = 0.0
+            return (z, n)
+
+        return sorted(dss, key=order)
+
+    def execute(self, job: Job, device: int) -> Result:
+        """Run one claimed job; raises on failure (classified by the caller)."""
+        model = self._registry.get(job.model_name, job.model_version)
+        if model is None:
+            raise RegistryError(f"{job.model_name} {job.model_version} is no longer installed")
+        runner = self._runner(model, device)
+        manifest = runner.manifest
+        t0 = time.perf_counter()
+        dss: list[Dataset] = []
+        items: list[np.ndarray] = []
+        for ds in self._load_series(job.series_uid):
+            for frame in frames(ds):
+                dss.append(ds)
+                items.append(preprocess_frame(ds, frame, manifest.preprocessing))
+        t1 = time.perf_counter()
+        out, _ = runner.infer(items)
+        t2 = time.perf_counter()
+        if manifest.task == "segmentation":
+            f = segmentation_findings(manifest, dss, items, out)
+        else:
+            f = classification_findings(manifest, dss, out)
+        now = self._clock.now()
+        return Result(
+            result_id=uuid7(now),
+            job_id=job.id,
+            study_uid=job.study_uid,
+            series_uid=job.series_uid,
+            model_name=model.name,
+            model_version=model.version,
+            model_sha256=model.model_sha256,
+            provider=runner.provider,
+            task=manifest.task,
+            findings=f.findings,
+            critical=f.critical,
+            instances=len(dss),
+            preprocess_ms=(t1 - t0) * 1000,
+            inference_ms=(t2 - t1) * 1000,
+            created_at=now,
+        )
+
+    def run_one(self, device: int = CPU_DEVICE) -> bool:
+        """Claim and run one job on ``device``; False if there was none."""
+        job = self._store.writer.call(partial(claim_job, now=self._clock.now()))
+        if job is None:
+            return False
+        started = time.perf_counter()
+        try:
+            result = self.execute(job, device)
+        except (PermanentError, UntrustedError) as exc:
+            self._fail(job, f"{type(exc).__name__}: {exc}", retry=False)
+        except Exception as exc:  # anything else may be transient: retry up to the limit
+            retry = job.attempts < self._inf.max_attempts
+            log.exception("inference job failed", extra={"job_id": job.id, "retry": retry})
+            self._fail(job, f"{type(exc).__name__}: {exc}", retry=retry)
+        else:
+            self._store.writer.call(
+                partial(finish_job, job=job, result=result, now=self._clock.now())
+            )
+            self._metrics.inference_jobs.labels(job.model_name, "done").inc()
+            self._metrics.inference_seconds.labels(job.model_name, result.provider).observe(
+                time.perf_counter() - started
+            )
+            log.info(
+                "inference result",
+                extra={
+                    "job_id": job.id,
+                    "study_uid": job.study_uid,
+                    "model": job.model_name,
+                    "version": job.model_version,
+                    "provider": result.provider,
+                    "critical": result.critical,
+                    "result_id": result.result_id,
+                    "instances": result.instances,
+                    "inference_ms": round(result.inference_ms, 1),
+                },
+            )
+        return True
+
+    def _fail(self, job: Job, error: str, *, retry: bool) -> None:
+        self._store.writer.call(
+            partial(fail_job, job=job, error=error, retry=retry, now=self._clock.now())
+        )
+        self._metrics.inference_jobs.labels(job.model_name, "retry" if retry else "failed").inc()
+        if not retry:
+            log.error(
+                "inference job FAILED",
+                extra={"job_id": job.id, "error": error, "study_uid": job.study_uid},
+            )
+
+    def drain(self) -> int:
+        """Schedule and run everything pending now, synchronously (tests, CLI). Returns jobs run."""
+        self.schedule()
+        n = 0
+        while self.run_one(self.devices[0]):
+            n += 1
+        return n
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Schedule and execute until ``stop`` is set (one task per device)."""
+        loop = asyncio.get_running_loop()
+
+        async def pause() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._inf.check_interval_s)
+
+        async def scheduler() -> None:
+            while not stop.is_set():
+                try:
+                    await asyncio.to_thread(self.schedule)
+                except Exception:
+                    log.exception("inference scheduling failed; retrying next interval")
+                await pause()
+
+        async def device_loop(device: int) -> None:
+            while not stop.is_set():
+                try:
+                    busy = await loop.run_in_executor(self._executors[device], self.run_one, device)
+                except Exception:
+                    log.exception("inference worker error; retrying next interval")
+                    busy = False
+                if not busy:
+                    await pause()
+
+        await asyncio.gather(scheduler(), *(device_loop(d) for d in self.devices))
+
+    def close(self) -> None:
+        for ex in self._executors.values():
+            ex.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""Results: immutable, versioned rows per (study, series, model); DICOM SR/SEG encodings."""

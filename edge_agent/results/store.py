@@ -1,0 +1,89 @@
+"""SQL for results: insert (superseding the current one), list."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from edge_agent.results.models import Result
+
+
+def insert_result(conn: sqlite3.Connection, r: Result) -> str | None:
+    """Insert ``r``; if a current result exists for the same study, series and model, mark it
+    superseded by ``r`` (its findings are never touched). Returns the superseded id."""
+    prev = conn.execute(
+        "SELECT result_id FROM results WHERE study_uid = ? AND series_uid = ? AND model_name = ?"
+        " AND superseded_by IS NULL",
+        (r.study_uid, r.series_uid, r.model_name),
+    ).fetchone()
+    supersedes = prev[0] if prev else None
+    conn.execute(
+        """INSERT INTO results (result_id, job_id, study_uid, series_uid, model_name,
+               model_version, model_sha256, provider, task, findings, critical, instances,
+               preprocess_ms, inference_ms, created_at, supersedes)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            r.result_id,
+            r.job_id,
+            r.study_uid,
+            r.series_uid,
+            r.model_name,
+            r.model_version,
+            r.model_sha256,
+            r.provider,
+            r.task,
+            json.dumps(r.findings, sort_keys=True),
+            int(r.critical),
+            r.instances,
+            r.preprocess_ms,
+            r.inference_ms,
+            r.created_at,
+            supersedes,
+        ),
+    )
+    if supersedes:
+        conn.execute(
+            "UPDATE results SET superseded_by = ? WHERE result_id = ?", (r.result_id, supersedes)
+        )
+    return supersedes
+
+
+def _result(row: sqlite3.Row) -> Result:
+    return Result(
+        result_id=row["result_id"],
+        job_id=row["job_id"],
+        study_uid=row["study_uid"],
+        series_uid=row["series_uid"],
+        model_name=row["model_name"],
+        model_version=row["model_version"],
+        model_sha256=row["model_sha256"],
+        provider=row["provider"],
+        task=row["task"],
+        findings=json.loads(row["findings"]),
+        critical=bool(row["critical"]),
+        instances=row["instances"],
+        preprocess_ms=row["preprocess_ms"],
+        inference_ms=row["inference_ms"],
+        created_at=row["created_at"],
+        supersedes=row["supersedes"],
+        superseded_by=row["superseded_by"],
+    )
+
+
+def list_results(
+    conn: sqlite3.Connection,
+    *,
+    study_uid: str | None = None,
+    include_superseded: bool = False,
+    limit: int = 1000,
+) -> list[Result]:
+    """Results, newest first; by default only current (not superseded) ones."""
+    where, params = [], []
+    if study_uid:
+        where.append("study_uid = ?")
+        params.append(study_uid)
+    if not include_superseded:
+        where.append("superseded_by IS NULL")
+    sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
+    sql += " ORDER BY created_at DESC, result_id DESC LIMIT ?"
+    return [_result(r) for r in conn.execute(sql, (*params, limit))]

@@ -1,0 +1,227 @@
+"""Studies sent by storescu end as results: routing, jobs, supersession on late arrival,
+clear FAILED reasons (tampered model, failing self-test, unsupported pixels), crash recovery."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from edge_agent.inference.package import write_manifest_files
+from edge_agent.inference.reference_models import (
+    CLS_NAME,
+    SEG_NAME,
+    build_reference_packages,
+    reference_lesion_mask,
+)
+from edge_agent.samples import make_study
+from tests.conftest import TEST_FILES, make_config, storescu
+
+pytestmark = pytest.mark.dcmtk
+
+
+@pytest.fixture(scope="module")
+def ref_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        r.name.rsplit("-", 1)[0]: r
+        for r in build_reference_packages(tmp_path_factory.mktemp("ref"))
+    }
+
+
+def _app(app_factory: Any, tmp_path: Path, models: list[Path]) -> Any:
+    app = app_factory(make_config(tmp_path))
+    for m in models:
+        app.registry.install(m)
+    return app
+
+
+def _complete(app: Any, clock: Any) -> None:
+    clock.advance(11)
+    app.assembly.tick()
+
+
+def _study_state(app: Any, uid: str) -> str:
+    return str(app.store.query("SELECT state FROM studies WHERE study_uid = ?", (uid,))[0][0])
+
+
+def test_ct_and_mr_studies_get_results(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _app(app_factory, tmp_path, [ref_models[SEG_NAME], ref_models[CLS_NAME]])
+    ct = make_study(tmp_path / "ct", modality="CT", slices=6, size=128, seed="pipe-ct")
+    mr = make_study(tmp_path / "mr", modality="MR", slices=3, size=64, seed="pipe-mr")
+    assert storescu(app.listener.port, *ct.files, *mr.files).returncode == 0
+    _complete(app, clock)
+    assert app.inference.drain() == 3  # CT: segmenter + classifier; MR: classifier only
+    assert _study_state(app, ct.study_uid) == "DONE"
+    assert _study_state(app, mr.study_uid) == "DONE"
+    rows = app.store.query(
+        "SELECT * FROM results WHERE study_uid = ? ORDER BY model_name", (ct.study_uid,)
+    )
+    assert [r["model_name"] for r in rows] == [SEG_NAME, CLS_NAME]
+    seg = json.loads(rows[0]["findings"])
+    assert rows[0]["provider"] == "CPUExecutionProvider"
+    assert rows[0]["model_sha256"] == app.registry.get(SEG_NAME, "1.0.0").model_sha256
+    # independent check: numpy on the files as sent
+    dss = sorted(
+        (pydicom.dcmread(p) for p in ct.files),
+        key=lambda d: (
+            float(d.SliceLocation) if "SliceLocation" in d else float(d.ImagePositionPatient[2])
+        ),
+    )
+    hu = np.stack(
+        [
+            d.pixel_array.astype(float) * float(d.RescaleSlope) + float(d.RescaleIntercept)
+            for d in dss
+        ]
+    )
+    masks = reference_lesion_mask(hu)
+    px = float(dss[0].PixelSpacing[0]) * float(dss[0].PixelSpacing[1])
+    assert seg["area_mm2_total"] == pytest.approx(masks.sum() * px, rel=1e-6)
+    assert seg["max_slice_area_mm2"] == pytest.approx(masks.sum(axis=(1, 2)).max() * px, rel=1e-6)
+    assert seg["volume_mm3"] == pytest.approx(masks.sum() * px * 2.5, rel=1e-6)
+    assert seg["mean_intensity"] == pytest.approx(float(hu[masks.astype(bool)].mean()), abs=1e-3)
+    cls = json.loads(rows[1]["findings"])
+    assert sum(cls["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert len(cls["per_instance"]) == 6
+
+
+def test_late_arrival_supersedes_never_overwrites(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _app(app_factory, tmp_path, [ref_models[SEG_NAME]])
+    study = make_study(tmp_path / "ct", modality="CT", slices=5, size=96, seed="late")
+    assert storescu(app.listener.port, *study.files[:4]).returncode == 0
+    _complete(app, clock)
+    app.inference.drain()
+    (first,) = app.store.query("SELECT result_id, findings FROM results")
+    assert storescu(app.listener.port, study.files[4]).returncode == 0  # late slice
+    assert _study_state(app, study.study_uid) == "RECEIVING"
+    _complete(app, clock)
+    app.inference.drain()
+    rows = app.store.query("SELECT * FROM results ORDER BY created_at, result_id")
+    assert len(rows) == 2
+    old, new = rows
+    assert old["result_id"] == first["result_id"] and old["findings"] == first["findings"]
+    assert old["superseded_by"] == new["result_id"] and new["supersedes"] == old["result_id"]
+    assert json.loads(new["findings"])["slices"] == 5
+    assert json.loads(old["findings"])["slices"] == 4
+    assert _study_state(app, study.study_uid) == "DONE"
+
+
+def _variant(src: Path, dest: Path, edit: Any) -> Path:
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    edit(m)
+    write_manifest_files(dest, m)
+    return dest
+
+
+def test_clear_failures_and_the_agent_keeps_serving(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    def bad_selftest(m: dict[str, Any]) -> None:
+        m["name"] = "seg-bad-selftest"
+        m["self_test"]["expect"]["mean"] += 0.3
+
+    def for_ot(m: dict[str, Any]) -> None:
+        m["name"] = "cls-for-ot"
+        m["routing"] = {"modality": ["OT"]}
+
+    app = _app(
+        app_factory,
+        tmp_path,
+        [
+            ref_models[SEG_NAME],
+            _variant(ref_models[SEG_NAME], tmp_path / "v1", bad_selftest),
+            _variant(ref_models[CLS_NAME], tmp_path / "v2", for_ot),
+        ],
+    )
+    # damage the installed segmenter on disk after installation
+    installed = app.registry.get(SEG_NAME, "1.0.0")
+    onnx_path = app.registry.models_dir / installed.path / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:-4] + b"\0\0\0\0")
+
+    ct = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="fail")
+    assert storescu(app.listener.port, *ct.files).returncode == 0
+    rgb = TEST_FILES / "SC_rgb_jpeg_dcmtk.dcm"
+    assert storescu(app.listener.port, rgb, extra=("-R", "-xy")).returncode == 0
+    _complete(app, clock)
+    app.inference.drain()
+    errors = {
+        r["model_name"]: r["error"]
+        for r in app.store.query(
+            "SELECT model_name, error FROM inference_jobs WHERE state = 'FAILED'"
+        )
+    }
+    assert "PackageError" in errors[SEG_NAME] and "SHA-256" in errors[SEG_NAME]
+    assert "SelfTestFailed" in errors["seg-bad-selftest"]
+    assert "UnsupportedPixels" in errors["cls-for-ot"] and "grayscale" in errors["cls-for-ot"]
+    assert _study_state(app, ct.study_uid) == "FAILED"
+    reason = app.store.query(
+        "SELECT reason FROM study_events WHERE study_uid = ? ORDER BY id DESC LIMIT 1",
+        (ct.study_uid,),
+    )[0][0]
+    assert "2 of 2 inference job(s) failed" in reason
+    # still serving
+    more = make_study(tmp_path / "ct2", modality="CT", slices=1, size=64, seed="after")
+    assert storescu(app.listener.port, *more.files).returncode == 0
+
+
+def test_crash_mid_job_is_retried_then_failed_after_two_crashes(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    from functools import partial
+
+    from edge_agent.inference.store import claim_job
+
+    cfg = make_config(tmp_path)
+    app = app_factory(cfg)
+    app.registry.install(ref_models[SEG_NAME])
+    study = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="crash-job")
+    assert storescu(app.listener.port, *study.files).returncode == 0
+    _complete(app, clock)
+    app.inference.schedule()
+    # the runner "crashes" with the job claimed (RUNNING, attempts 1): restart recovers it
+    app.store.writer.call(partial(claim_job, now=clock.now()))
+    app.listener.stop(grace_s=1)
+    app.close()
+    app2 = app_factory(cfg, start=False)  # recover() runs in the constructor
+    (job,) = app2.store.query("SELECT state, attempts FROM inference_jobs")
+    assert (job["state"], job["attempts"]) == ("PENDING", 1)
+    # second crash: attempts reaches max_attempts (2) -> FAILED on the next restart
+    app2.store.writer.call(partial(claim_job, now=clock.now()))
+    app2.close()
+    app3 = app_factory(cfg, start=False)
+    (job,) = app3.store.query("SELECT state, attempts, error FROM inference_jobs")
+    assert job["state"] == "FAILED" and "crashed 2 times" in job["error"]
+    assert _study_state(app3, study.study_uid) == "FAILED"
+
+
+def test_job_run_exactly_once_after_recovery(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    from functools import partial
+
+    from edge_agent.inference.store import claim_job
+
+    cfg = make_config(tmp_path)
+    app = app_factory(cfg)
+    app.registry.install(ref_models[SEG_NAME])
+    study = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="once")
+    assert storescu(app.listener.port, *study.files).returncode == 0
+    _complete(app, clock)
+    app.inference.schedule()
+    app.store.writer.call(partial(claim_job, now=clock.now()))
+    app.listener.stop(grace_s=1)
+    app.close()
+    app2 = app_factory(cfg, start=False)
+    assert app2.inference.drain() == 1
+    assert app2.inference.drain() == 0
+    assert app2.store.query("SELECT count(*) FROM results")[0][0] == 1
+    assert _study_state(app2, study.study_uid) == "DONE"
