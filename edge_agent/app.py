@@ -24,6 +24,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.inference.registry import Registry
 from edge_agent.inference.worker import InferenceWorker
 from edge_agent.metrics import Metrics, create_metrics
+from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool, Store
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
@@ -97,6 +98,9 @@ class EdgeApp:
             cfg, store=self.store, registry=self.registry, clock=self.clock, metrics=self.metrics
         )
         self.inference.recover()
+        self.forwarder = Forwarder(
+            cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
+        )
 
     def _recover(self) -> RecoveryReport:
         """Undo what a crash left half-done. Nothing acknowledged is ever touched: a file that
@@ -176,6 +180,7 @@ class EdgeApp:
             if self.cfg.inference.enabled
             else None
         )
+        forwarder = asyncio.create_task(self.forwarder.run(stop), name="forwarder")
         log.info("edge agent ready", extra={"port": self.listener.port})
         try:
             await stop.wait()
@@ -186,6 +191,7 @@ class EdgeApp:
             await worker
             if inference is not None:
                 await inference
+            await forwarder
             await asyncio.to_thread(self.inference.close)
             await asyncio.to_thread(self.close)
             log.info("edge agent stopped", extra={"aborted_associations": aborted})

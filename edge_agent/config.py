@@ -172,6 +172,38 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Destination:
+    """A DICOM destination (PACS) results are sent to: ``ae_title`` at ``host``:``port``."""
+
+    ae_title: str
+    host: str
+    port: int = 104
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultsConfig:
+    """DICOM outputs and forwarding.
+
+    ``dicom_outputs``: encode SEG (masks) and Comprehensive SR (measurements,
+    classifications) for every result. ``destinations``: where to C-STORE them
+    (``"PACS@10.0.0.5:104"`` or tables). A send that fails is retried with exponential backoff
+    (``retry_initial_s`` doubling up to ``retry_max_s``, with jitter); after ``max_attempts``
+    it is dead-lettered (``edge-agent results forwards`` shows why) and never blocks others.
+    """
+
+    dicom_outputs: bool = True
+    destinations: tuple[Destination, ...] = ()
+    calling_ae_title: str = "EDGE_AGENT"
+    max_attempts: int = 8
+    retry_initial_s: float = 5.0
+    retry_max_s: float = 300.0
+    check_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole agent configuration."""
 
@@ -179,6 +211,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def models_dir(self) -> Path:
@@ -321,6 +354,8 @@ def _convert(t: Any, value: Any, where: str) -> Any:
         return str(value)
     if t == tuple[AllowedCaller, ...]:
         return _callers(value, where)
+    if t == tuple[Destination, ...]:
+        return _destinations(value, where)
     if t in (tuple[str, ...], tuple[int, ...]):
         item = str if t == tuple[str, ...] else int
         if isinstance(value, _EnvValue):
@@ -345,6 +380,34 @@ def _parse_pairs(value: str, where: str) -> dict[str, _EnvValue]:
             raise ConfigError(where, f"expected NAME=seconds pairs, got {part!r}")
         out[name.strip()] = _EnvValue(num)
     return out
+
+
+def _destinations(value: Any, where: str) -> tuple[Destination, ...]:
+    """A TOML array of tables/strings, or (from env) ``"PACS@10.0.0.5:104,ARCH@h:11112"``."""
+    items: list[Any]
+    if isinstance(value, _EnvValue):
+        items = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(where, "expected a list of destinations")
+    out: list[Destination] = []
+    for i, item in enumerate(items):
+        here = f"{where}[{i}]"
+        if isinstance(item, str):
+            ae, sep, rest = item.partition("@")
+            host, colon, port = rest.rpartition(":")
+            if not sep or not colon:
+                raise ConfigError(here, f"expected AE@host:port, got {item!r}")
+            try:
+                out.append(Destination(ae_title=ae.strip(), host=host.strip(), port=int(port)))
+            except ValueError:
+                raise ConfigError(here, f"port is not a number in {item!r}") from None
+        elif isinstance(item, dict):
+            out.append(_build(Destination, item, here))
+        else:
+            raise ConfigError(here, "expected a table {ae_title, host, port} or 'AE@host:port'")
+    return tuple(out)
 
 
 def _callers(value: Any, where: str) -> tuple[AllowedCaller, ...]:
@@ -466,6 +529,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("inference.max_attempts", "must be 1..10")
     if not 0 < inf.check_interval_s <= 60:
         raise ConfigError("inference.check_interval_s", "must be in (0, 60] seconds")
+
+    res = cfg.results
+    _check_ae("results.calling_ae_title", res.calling_ae_title)
+    for i, dest in enumerate(res.destinations):
+        _check_ae(f"results.destinations[{i}].ae_title", dest.ae_title)
+        if not dest.host:
+            raise ConfigError(f"results.destinations[{i}].host", "must not be empty")
+        if not 1 <= dest.port <= 65535:
+            raise ConfigError(
+                f"results.destinations[{i}].port", f"must be 1..65535, got {dest.port}"
+            )
+    if not 1 <= res.max_attempts <= 100:
+        raise ConfigError("results.max_attempts", "must be 1..100")
+    if not 0 < res.retry_initial_s <= res.retry_max_s <= 86400:
+        raise ConfigError(
+            "results.retry_initial_s", "must be > 0 and <= results.retry_max_s (<= 86400 s)"
+        )
+    if not 0 < res.check_interval_s <= 60:
+        raise ConfigError("results.check_interval_s", "must be in (0, 60] seconds")
 
     if cfg.logging.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from edge_agent.config import Destination
 from edge_agent.inference.models import Job, JobState
+from edge_agent.results.forward import ResultObject, record_objects
 from edge_agent.results.models import Result
 from edge_agent.results.store import insert_result
 from edge_agent.studies.models import StudyState, check_transition
@@ -150,9 +152,21 @@ def _maybe_finish_study(conn: sqlite3.Connection, job: Job, now: float) -> None:
         )
 
 
-def finish_job(conn: sqlite3.Connection, *, job: Job, result: Result, now: float) -> None:
-    """Store the result (superseding the previous one) and close the job, in one go."""
+def finish_job(
+    conn: sqlite3.Connection,
+    *,
+    job: Job,
+    result: Result,
+    now: float,
+    objects: Sequence[ResultObject] = (),
+    destinations: Sequence[Destination] = (),
+) -> None:
+    """Store the result (superseding the previous one), its DICOM objects and their queued
+    sends, and close the job: all in one transaction."""
     insert_result(conn, result)
+    record_objects(
+        conn, result_id=result.result_id, objects=objects, destinations=destinations, now=now
+    )
     conn.execute(
         "UPDATE inference_jobs SET state = ?, finished_at = ?, result_id = ? "
         "WHERE id = ? AND state = ?",

@@ -42,6 +42,8 @@ from edge_agent.inference.store import (
     series_instances,
 )
 from edge_agent.metrics import Metrics
+from edge_agent.results.dicom import make_seg, make_sr
+from edge_agent.results.forward import ResultObject, write_object
 from edge_agent.results.models import Result, uuid7
 from edge_agent.store import Store
 
@@ -190,7 +192,7 @@ class InferenceWorker:
 
         return sorted(dss, key=order)
 
-    def execute(self, job: Job, device: int) -> Result:
+    def execute(self, job: Job, device: int) -> tuple[Result, list[ResultObject]]:
         """Run one claimed job; raises on failure (classified by the caller)."""
         model = self._registry.get(job.model_name, job.model_version)
         if model is None:
@@ -212,7 +214,7 @@ class InferenceWorker:
         else:
             f = classification_findings(manifest, dss, out)
         now = self._clock.now()
-        return Result(
+        result = Result(
             result_id=uuid7(now),
             job_id=job.id,
             study_uid=job.study_uid,
@@ -229,6 +231,18 @@ class InferenceWorker:
             inference_ms=(t2 - t1) * 1000,
             created_at=now,
         )
+        objects: list[ResultObject] = []
+        if self._cfg.results.dicom_outputs:
+            data_dir = Path(self._cfg.storage.data_dir)
+            single = len({id(d) for d in dss}) == len(dss)  # no multi-frame sources
+            if manifest.task == "segmentation" and single:
+                masks = out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
+                if masks.shape[1:] == (int(dss[0].Rows), int(dss[0].Columns)):
+                    seg = make_seg(result, dss, masks >= manifest.output.threshold)
+                    objects.append(write_object(data_dir, result.result_id, "SEG", seg))
+            unique = list({id(d): d for d in dss}.values())
+            objects.append(write_object(data_dir, result.result_id, "SR", make_sr(result, unique)))
+        return result, objects
 
     def run_one(self, device: int = CPU_DEVICE) -> bool:
         """Claim and run one job on ``device``; False if there was none."""
@@ -237,7 +251,7 @@ class InferenceWorker:
             return False
         started = time.perf_counter()
         try:
-            result = self.execute(job, device)
+            result, objects = self.execute(job, device)
         except (PermanentError, UntrustedError) as exc:
             self._fail(job, f"{type(exc).__name__}: {exc}", retry=False)
         except Exception as exc:  # anything else may be transient: retry up to the limit
@@ -246,7 +260,14 @@ class InferenceWorker:
             self._fail(job, f"{type(exc).__name__}: {exc}", retry=retry)
         else:
             self._store.writer.call(
-                partial(finish_job, job=job, result=result, now=self._clock.now())
+                partial(
+                    finish_job,
+                    job=job,
+                    result=result,
+                    now=self._clock.now(),
+                    objects=objects,
+                    destinations=self._cfg.results.destinations,
+                )
             )
             self._metrics.inference_jobs.labels(job.model_name, "done").inc()
             self._metrics.inference_seconds.labels(job.model_name, result.provider).observe(

@@ -182,6 +182,34 @@ MIGRATIONS: Sequence[Migration] = (
         CREATE INDEX results_study ON results(study_uid, model_name);
         """,
     ),
+    Migration(
+        "0003_result_objects",
+        """
+        CREATE TABLE result_objects (
+            result_id        TEXT NOT NULL REFERENCES results(result_id),
+            kind             TEXT NOT NULL,            -- SEG|SR
+            sop_class_uid    TEXT NOT NULL,
+            sop_instance_uid TEXT NOT NULL,
+            path             TEXT NOT NULL,            -- relative to data_dir
+            PRIMARY KEY (result_id, kind)
+        );
+
+        CREATE TABLE forwards (
+            id               INTEGER PRIMARY KEY,
+            result_id        TEXT NOT NULL,
+            kind             TEXT NOT NULL,
+            destination      TEXT NOT NULL,            -- AE@host:port
+            state            TEXT NOT NULL,            -- PENDING|SENT|DEAD
+            attempts         INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at  REAL NOT NULL,
+            last_error       TEXT,
+            created_at       REAL NOT NULL,
+            sent_at          REAL,
+            FOREIGN KEY (result_id, kind) REFERENCES result_objects(result_id, kind)
+        );
+        CREATE INDEX forwards_due ON forwards(state, next_attempt_at);
+        """,
+    ),
 )
 
 

@@ -225,3 +225,160 @@ def test_job_run_exactly_once_after_recovery(
     assert app2.inference.drain() == 0
     assert app2.store.query("SELECT count(*) FROM results")[0][0] == 1
     assert _study_state(app2, study.study_uid) == "DONE"
+
+
+def test_seg_and_sr_read_back_and_reference_the_source(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    import highdicom as hd
+
+    app = _app(app_factory, tmp_path, [ref_models[SEG_NAME], ref_models[CLS_NAME]])
+    ct = make_study(tmp_path / "ct", modality="CT", slices=4, size=96, seed="dicom-out")
+    assert storescu(app.listener.port, *ct.files).returncode == 0
+    _complete(app, clock)
+    app.inference.drain()
+    objs = {
+        (r["model_name"], r["kind"]): r
+        for r in app.store.query(
+            "SELECT r.model_name, o.* FROM result_objects o JOIN results r USING (result_id)"
+        )
+    }
+    assert set(objs) == {(SEG_NAME, "SEG"), (SEG_NAME, "SR"), (CLS_NAME, "SR")}
+    data_dir = Path(app.cfg.storage.data_dir)
+    source_uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in ct.files}
+
+    seg = hd.seg.segread(data_dir / objs[(SEG_NAME, "SEG")]["path"])
+    assert seg.StudyInstanceUID == ct.study_uid
+    assert seg.SOPInstanceUID == objs[(SEG_NAME, "SEG")]["sop_instance_uid"]
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for r in s.ReferencedInstanceSequence
+    }
+    assert refs == source_uids
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algo.AlgorithmName, algo.AlgorithmVersion) == (SEG_NAME, "1.0.0")
+    # the SEG's mask equals the numpy reference on the sent pixels
+    dss = sorted(
+        (pydicom.dcmread(p) for p in ct.files), key=lambda d: float(d.ImagePositionPatient[2])
+    )
+    expected = reference_lesion_mask(np.stack([d.pixel_array * 1.0 - 1024 for d in dss]))
+    frames = seg.pixel_array.reshape(len(dss), 96, 96).astype(bool)
+    by_source = {
+        f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: frame
+        for f, frame in zip(seg.PerFrameFunctionalGroupsSequence, frames, strict=True)
+    }
+    for d, mask in zip(dss, expected.astype(bool), strict=True):
+        assert np.array_equal(by_source[d.SOPInstanceUID], mask)
+    assert expected.sum() > 0
+
+    sr = pydicom.dcmread(data_dir / objs[(SEG_NAME, "SR")]["path"])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert sr.StudyInstanceUID == ct.study_uid
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    }
+    assert evidence == source_uids
+    report = hd.sr.ComprehensiveSR.from_dataset(sr).content
+    (group,) = report.get_image_measurement_groups()
+    values = {m.name.meaning: m.value for m in group.get_measurements()}
+    findings = json.loads(
+        app.store.query("SELECT findings FROM results WHERE model_name = ?", (SEG_NAME,))[0][0]
+    )
+    assert values["Area"] == pytest.approx(findings["area_mm2_total"])
+    assert values["Volume"] == pytest.approx(findings["volume_mm3"])
+    assert values["Mean"] == pytest.approx(findings["mean_intensity"])
+    texts: dict[str, set[str]] = {}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.get("ValueType") == "TEXT":
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                texts.setdefault(name, set()).add(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert texts["Algorithm Name"] == {SEG_NAME}
+    assert texts["Algorithm Version"] == {"1.0.0"}
+
+
+@pytest.fixture
+def storescp_dest(tmp_path: Path) -> Any:
+    import subprocess
+    import time
+
+    from tests.conftest import free_port, run_tool
+
+    out = tmp_path / "pacs"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "+xa", "-dhl", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while run_tool("echoscu", "-aec", "PACS", "127.0.0.1", str(port)).returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_results_forwarded_to_pacs_and_a_down_destination_is_retried_then_dead(
+    app_factory: Any,
+    tmp_path: Path,
+    clock: Any,
+    ref_models: dict[str, Path],
+    storescp_dest: Any,
+) -> None:
+    from edge_agent.config import Destination
+    from tests.conftest import free_port
+
+    pacs_port, pacs_dir = storescp_dest
+    down_port = free_port()  # nothing listens there
+    cfg = make_config(
+        tmp_path,
+        results={
+            "destinations": (
+                Destination(ae_title="PACS", host="127.0.0.1", port=pacs_port),
+                Destination(ae_title="DOWN", host="127.0.0.1", port=down_port),
+            ),
+            "max_attempts": 3,
+            "retry_initial_s": 10.0,
+            "retry_max_s": 40.0,
+        },
+    )
+    app = app_factory(cfg)
+    app.registry.install(ref_models[SEG_NAME])
+    ct = make_study(tmp_path / "ct", modality="CT", slices=3, size=64, seed="fwd")
+    assert storescu(app.listener.port, *ct.files).returncode == 0
+    _complete(app, clock)
+    app.inference.drain()
+    sent, failed = app.forwarder.tick()
+    assert (sent, failed) == (2, 2)  # SEG + SR to PACS; both fail for DOWN
+    received = sorted(p.name[:2] for p in pacs_dir.iterdir())
+    assert received == ["SG", "SR"]  # storescp names files by modality
+    rows = app.store.query(
+        "SELECT destination, state, attempts, next_attempt_at, last_error "
+        "FROM forwards ORDER BY destination, kind"
+    )
+    down = [r for r in rows if r["destination"].startswith("DOWN")]
+    assert all(r["state"] == "PENDING" and r["attempts"] == 1 for r in down)
+    assert all(7.5 <= r["next_attempt_at"] - clock.now() <= 12.5 for r in down)  # 10 s +-25 %
+    assert all("cannot connect" in r["last_error"] for r in down)
+    assert app.forwarder.tick() == (0, 0)  # not due yet: nothing is hammered
+    for _ in range(2):
+        clock.advance(60)
+        assert app.forwarder.tick() == (0, 2)
+    states = {
+        (r["destination"][:4], r["state"])
+        for r in app.store.query("SELECT destination, state FROM forwards")
+    }
+    assert states == {("PACS", "SENT"), ("DOWN", "DEAD")}
+    clock.advance(3600)
+    assert app.forwarder.tick() == (0, 0)  # dead letters are not retried silently
