@@ -190,6 +190,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_results)
 
     sp = add(
+        "forwards",
+        "result objects (SEG, SR) queued for or sent to PACS, with attempts and errors",
+        "edge-agent forwards --state DEAD --config /srv/edge/edge-agent.toml",
+    )
+    _config_arg(sp)
+    sp.add_argument("--state", choices=["PENDING", "SENT", "DEAD"])
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_forwards)
+
+    sp = add(
         "associations",
         "audit trail: who connected, from where, what they sent",
         "edge-agent associations --config /srv/edge/edge-agent.toml --limit 20",
@@ -342,6 +353,34 @@ def _cmd_results(args: argparse.Namespace) -> int:
             f"{flags}\n    study {r.study_uid}\n    series {r.series_uid}\n    {summary}"
             f"\n    result {r.result_id}, {r.instances} instance(s), "
             f"inference {r.inference_ms:.0f} ms"
+        )
+    return EXIT_OK
+
+
+def _cmd_forwards(args: argparse.Namespace) -> int:
+    store = _open_store(_load(args))
+    try:
+        sql = "SELECT * FROM forwards" + (" WHERE state = ?" if args.state else "")  # noqa: S608
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params = (args.state, args.limit) if args.state else (args.limit,)
+        rows = [dict(r) for r in store.query(sql, params)]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("nothing queued or sent")
+    for r in rows:
+        when = (
+            _fmt_time(r["sent_at"])
+            if r["state"] == "SENT"
+            else (f"next try {_fmt_time(r['next_attempt_at'])}" if r["state"] == "PENDING" else "-")
+        )
+        err = f"  last error: {r['last_error']}" if r["last_error"] else ""
+        print(
+            f"{r['state']:<8} {r['kind']:<4} -> {r['destination']:<28} attempts "
+            f"{r['attempts']:<3} {when}  result {r['result_id']}{err}"
         )
     return EXIT_OK
 

@@ -191,7 +191,7 @@ class ResultsConfig:
     classifications) for every result. ``destinations``: where to C-STORE them
     (``"PACS@10.0.0.5:104"`` or tables). A send that fails is retried with exponential backoff
     (``retry_initial_s`` doubling up to ``retry_max_s``, with jitter); after ``max_attempts``
-    it is dead-lettered (``edge-agent results forwards`` shows why) and never blocks others.
+    it is dead-lettered (``edge-agent forwards`` shows why) and never blocks others.
     """
 
     dicom_outputs: bool = True

@@ -58,6 +58,16 @@ def _wait_settled(db: Path, timeout: float = 120.0) -> None:
     print("    (gave up waiting; showing what there is)")
 
 
+def _all_sent(db: Path) -> bool:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        (n,) = conn.execute("SELECT count(*) FROM forwards WHERE state = 'PENDING'").fetchone()
+        (total,) = conn.execute("SELECT count(*) FROM forwards").fetchone()
+    finally:
+        conn.close()
+    return bool(total) and n == 0
+
+
 def _send_truncated(port: int, source: Path, workdir: Path) -> tuple[int, str]:
     """Send ``source`` with its last 1000 bytes cut off, as raw bytes (storescu refuses to
     send a damaged file, a buggy modality would not). Returns (status, error comment)."""
@@ -136,13 +146,24 @@ def run_demo(workdir: Path) -> int:
     )
     print(f"    CT: {len(ct.files)} slices 512x512; MR: {len(mr.files)} slices 64x64")
 
-    _step("starting the agent")
+    pacs_port, pacs_dir = _free_port(), workdir / "pacs"
+    pacs_dir.mkdir()
+    _step(f"starting a stand-in PACS (DCMTK storescp, AE PACS, port {pacs_port}) for results")
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "+xa", "-dhl", "-od", str(pacs_dir), str(pacs_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    _step("starting the agent (results go to PACS@127.0.0.1, set by EDGE_RESULTS_DESTINATIONS)")
     log_path = workdir / "agent.log"
+    env = dict(os.environ, EDGE_RESULTS_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}")
     with log_path.open("wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         deadline = time.monotonic() + 30
@@ -216,6 +237,18 @@ def run_demo(workdir: Path) -> int:
         _step("edge-agent results (reference models: CT lesion segmentation, 2D classifier)")
         cli_main(["results", "--config", str(cfg)])
 
+        _step("results sent to PACS as DICOM SEG and Comprehensive SR (edge-agent forwards)")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _all_sent(workdir / "data" / "edge.db"):
+            time.sleep(0.3)
+        cli_main(["forwards", "--config", str(cfg)])
+        # storescp names files by modality: SG.<uid> for SEG, SRc.<uid> for Comprehensive SR
+        received = sorted("SEG" if p.name.startswith("SG") else "SR" for p in pacs_dir.iterdir())
+        print(
+            f"    PACS received {len(received)} object(s): "
+            + ", ".join(f"{received.count(k)} x {k}" for k in sorted(set(received)))
+        )
+
         _step("a late CT slice arrives after the study completed: the study re-opens")
         late = make_study(
             samples / "ct-late",
@@ -258,5 +291,7 @@ def run_demo(workdir: Path) -> int:
             agent.kill()
             code = agent.wait()
         print(f"    agent exited with {code}")
+        pacs.terminate()
+        pacs.wait(10)
     print(f"\nDone. Config: {cfg}\nData: {workdir / 'data'}\nAgent log (JSON): {log_path}")
     return 0 if code == 0 else 1
