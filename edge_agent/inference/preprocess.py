@@ -70,9 +70,15 @@ def frames(ds: Dataset) -> Iterator[np.ndarray]:
 
 def preprocess_frame(ds: Dataset, stored: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """One decoded frame of ``ds`` -> float32 [C, H, W]."""
-    x = stored.astype(np.float64)
+    x = stored.astype(np.float32)
     if pre.modality_lut:
-        x = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        if "ModalityLUTSequence" in ds:
+            x = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        else:  # the common case, done in float32 (apply_modality_lut works in float64)
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            if slope != 1 or intercept != 0:
+                x = x * np.float32(slope) + np.float32(intercept)
     if pre.window is not None:
         x = window_linear(x, *pre.window)
         if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":

@@ -237,8 +237,9 @@ class InferenceWorker:
             single = len({id(d) for d in dss}) == len(dss)  # no multi-frame sources
             if manifest.task == "segmentation" and single:
                 masks = out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
-                if masks.shape[1:] == (int(dss[0].Rows), int(dss[0].Columns)):
-                    seg = make_seg(result, dss, masks >= manifest.output.threshold)
+                binary = masks >= manifest.output.threshold
+                if binary.any() and masks.shape[1:] == (int(dss[0].Rows), int(dss[0].Columns)):
+                    seg = make_seg(result, dss, binary)
                     objects.append(write_object(data_dir, result.result_id, "SEG", seg))
             unique = list({id(d): d for d in dss}.values())
             objects.append(write_object(data_dir, result.result_id, "SR", make_sr(result, unique)))

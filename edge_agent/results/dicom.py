@@ -71,7 +71,7 @@ def make_seg(result: Result, sources: Sequence[Dataset], masks: np.ndarray) -> D
         device_serial_number="0",
         content_label="AI_SEG",
         content_description=f"{result.model_name} {result.model_version}"[:64],
-        omit_empty_frames=False,
+        omit_empty_frames=True,  # standard practice: a slice without finding has no frame
     )
 
 
