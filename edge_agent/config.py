@@ -382,17 +382,19 @@ def _parse_pairs(value: str, where: str) -> dict[str, _EnvValue]:
     return out
 
 
+def _items(value: Any, where: str, what: str) -> list[Any]:
+    """A TOML array as it is, or an environment string split on commas."""
+    if isinstance(value, _EnvValue):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, list):
+        return value
+    raise ConfigError(where, f"expected a list of {what}")
+
+
 def _destinations(value: Any, where: str) -> tuple[Destination, ...]:
     """A TOML array of tables/strings, or (from env) ``"PACS@10.0.0.5:104,ARCH@h:11112"``."""
-    items: list[Any]
-    if isinstance(value, _EnvValue):
-        items = [p.strip() for p in value.split(",") if p.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError(where, "expected a list of destinations")
     out: list[Destination] = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(_items(value, where, "destinations")):
         here = f"{where}[{i}]"
         if isinstance(item, str):
             ae, sep, rest = item.partition("@")
@@ -412,15 +414,8 @@ def _destinations(value: Any, where: str) -> tuple[Destination, ...]:
 
 def _callers(value: Any, where: str) -> tuple[AllowedCaller, ...]:
     """Accept a TOML array of tables/strings, or (from env) ``"AE[@host],AE2"``."""
-    items: list[Any]
-    if isinstance(value, _EnvValue):
-        items = [p.strip() for p in value.split(",") if p.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError(where, "expected a list of callers")
     out: list[AllowedCaller] = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(_items(value, where, "callers")):
         here = f"{where}[{i}]"
         if isinstance(item, str):
             ae, _, host = item.partition("@")

@@ -82,33 +82,15 @@ def make_sr(result: Result, sources: Sequence[Dataset]) -> Dataset:
     measurements: list[hd.sr.Measurement] = []
     evaluations: list[hd.sr.QualitativeEvaluation] = []
     if result.task == "segmentation":
-        if f.get("area_mm2_total") is not None:
-            measurements.append(
-                hd.sr.Measurement(
-                    name=codes.SCT.Area,
-                    value=float(f["area_mm2_total"]),
-                    unit=codes.UCUM.SquareMillimeter,
-                    algorithm_id=algo,
+        for key, name, unit in (
+            ("area_mm2_total", codes.SCT.Area, codes.UCUM.SquareMillimeter),
+            ("volume_mm3", codes.SCT.Volume, codes.UCUM.CubicMillimeter),
+            ("mean_intensity", codes.SCT.Mean, codes.UCUM.HounsfieldUnit),
+        ):
+            if f.get(key) is not None:
+                measurements.append(
+                    hd.sr.Measurement(name=name, value=float(f[key]), unit=unit, algorithm_id=algo)
                 )
-            )
-        if f.get("volume_mm3") is not None:
-            measurements.append(
-                hd.sr.Measurement(
-                    name=codes.SCT.Volume,
-                    value=float(f["volume_mm3"]),
-                    unit=codes.UCUM.CubicMillimeter,
-                    algorithm_id=algo,
-                )
-            )
-        if f.get("mean_intensity") is not None:
-            measurements.append(
-                hd.sr.Measurement(
-                    name=codes.SCT.Mean,
-                    value=float(f["mean_intensity"]),
-                    unit=codes.UCUM.HounsfieldUnit,
-                    algorithm_id=algo,
-                )
-            )
         finding = _label_code(str(f["label"]))
     else:
         for label, p in dict(f["probabilities"]).items():

@@ -173,6 +173,28 @@ def test_clear_failures_and_the_agent_keeps_serving(
     assert storescu(app.listener.port, *more.files).returncode == 0
 
 
+def _crashed_with_job_running(
+    app_factory: Any, tmp_path: Path, clock: Any, package: Path
+) -> tuple[Any, Any, str]:
+    """A study scheduled, its job claimed (RUNNING, attempts 1), then the agent "crashes"
+    (closed without finishing the job). Returns (config, restarted app, study uid)."""
+    from functools import partial
+
+    from edge_agent.inference.store import claim_job
+
+    cfg = make_config(tmp_path)
+    app = app_factory(cfg)
+    app.registry.install(package)
+    study = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="crash-job")
+    assert storescu(app.listener.port, *study.files).returncode == 0
+    _complete(app, clock)
+    app.inference.schedule()
+    app.store.writer.call(partial(claim_job, now=clock.now()))
+    app.listener.stop(grace_s=1)
+    app.close()
+    return cfg, app_factory(cfg, start=False), study.study_uid  # recover() runs at start
+
+
 def test_crash_mid_job_is_retried_then_failed_after_two_crashes(
     app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
 ) -> None:
@@ -180,18 +202,9 @@ def test_crash_mid_job_is_retried_then_failed_after_two_crashes(
 
     from edge_agent.inference.store import claim_job
 
-    cfg = make_config(tmp_path)
-    app = app_factory(cfg)
-    app.registry.install(ref_models[SEG_NAME])
-    study = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="crash-job")
-    assert storescu(app.listener.port, *study.files).returncode == 0
-    _complete(app, clock)
-    app.inference.schedule()
-    # the runner "crashes" with the job claimed (RUNNING, attempts 1): restart recovers it
-    app.store.writer.call(partial(claim_job, now=clock.now()))
-    app.listener.stop(grace_s=1)
-    app.close()
-    app2 = app_factory(cfg, start=False)  # recover() runs in the constructor
+    cfg, app2, study_uid = _crashed_with_job_running(
+        app_factory, tmp_path, clock, ref_models[SEG_NAME]
+    )
     (job,) = app2.store.query("SELECT state, attempts FROM inference_jobs")
     assert (job["state"], job["attempts"]) == ("PENDING", 1)
     # second crash: attempts reaches max_attempts (2) -> FAILED on the next restart
@@ -200,31 +213,19 @@ def test_crash_mid_job_is_retried_then_failed_after_two_crashes(
     app3 = app_factory(cfg, start=False)
     (job,) = app3.store.query("SELECT state, attempts, error FROM inference_jobs")
     assert job["state"] == "FAILED" and "crashed 2 times" in job["error"]
-    assert _study_state(app3, study.study_uid) == "FAILED"
+    assert _study_state(app3, study_uid) == "FAILED"
 
 
 def test_job_run_exactly_once_after_recovery(
     app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
 ) -> None:
-    from functools import partial
-
-    from edge_agent.inference.store import claim_job
-
-    cfg = make_config(tmp_path)
-    app = app_factory(cfg)
-    app.registry.install(ref_models[SEG_NAME])
-    study = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="once")
-    assert storescu(app.listener.port, *study.files).returncode == 0
-    _complete(app, clock)
-    app.inference.schedule()
-    app.store.writer.call(partial(claim_job, now=clock.now()))
-    app.listener.stop(grace_s=1)
-    app.close()
-    app2 = app_factory(cfg, start=False)
+    _, app2, study_uid = _crashed_with_job_running(
+        app_factory, tmp_path, clock, ref_models[SEG_NAME]
+    )
     assert app2.inference.drain() == 1
     assert app2.inference.drain() == 0
     assert app2.store.query("SELECT count(*) FROM results")[0][0] == 1
-    assert _study_state(app2, study.study_uid) == "DONE"
+    assert _study_state(app2, study_uid) == "DONE"
 
 
 def test_seg_and_sr_read_back_and_reference_the_source(
