@@ -28,6 +28,8 @@ from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool, Store
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
+from edge_agent.sync.state import load_hlc
+from hub_protocol import HybridClock
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,16 @@ class EdgeApp:
             cfg.studies, store=self.store, clock=self.clock, metrics=self.metrics
         )
         self.registry = Registry(store=self.store, models_dir=cfg.models_dir(), clock=self.clock)
+        with self.store.read() as conn:
+            last = load_hlc(conn)
+        self.hlc = HybridClock(cfg.sync.node_id, wall=self.clock.now, last=last)
         self.inference = InferenceWorker(
-            cfg, store=self.store, registry=self.registry, clock=self.clock, metrics=self.metrics
+            cfg,
+            store=self.store,
+            registry=self.registry,
+            clock=self.clock,
+            metrics=self.metrics,
+            hlc=self.hlc,
         )
         self.inference.recover()
         self.forwarder = Forwarder(

@@ -204,6 +204,19 @@ class ResultsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SyncConfig:
+    """Sync with the hub (the client loops come with the hub).
+
+    ``node_id``: this agent's id in hybrid-logical-clock timestamps (letters, digits, ``._-``).
+    ``outbox_max_mb``: pending outbox bytes at most; when full, new results wait (their jobs
+    are retried later) instead of anything being dropped.
+    """
+
+    node_id: str = "edge"
+    outbox_max_mb: int = 2048
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole agent configuration."""
 
@@ -212,6 +225,7 @@ class Config:
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def models_dir(self) -> Path:
@@ -543,6 +557,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < res.check_interval_s <= 60:
         raise ConfigError("results.check_interval_s", "must be in (0, 60] seconds")
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cfg.sync.node_id):
+        raise ConfigError("sync.node_id", "1-64 letters, digits, '.', '_' or '-'")
+    if not 1 <= cfg.sync.outbox_max_mb <= 1024 * 1024:
+        raise ConfigError("sync.outbox_max_mb", "must be 1..1048576 MiB")
 
     if cfg.logging.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 from edge_agent.config import Destination
 from edge_agent.inference.models import Job, JobState
 from edge_agent.results.forward import ResultObject, record_objects
-from edge_agent.results.models import Result
+from edge_agent.results.models import Result, result_payload
 from edge_agent.results.store import insert_result
 from edge_agent.studies.models import StudyState, check_transition
+from edge_agent.sync.outbox import enqueue
+from edge_agent.sync.state import save_hlc
+from hub_protocol import HLC, Lane, RecordType
 
 
 def _event(
@@ -160,13 +163,28 @@ def finish_job(
     now: float,
     objects: Sequence[ResultObject] = (),
     destinations: Sequence[Destination] = (),
+    hlc: HLC | None = None,
+    max_outbox_bytes: int | None = None,
 ) -> None:
     """Store the result (superseding the previous one), its DICOM objects and their queued
-    sends, and close the job: all in one transaction."""
+    sends, its outbox record for the hub (when ``hlc`` is given), and close the job: all in
+    one transaction. Raises OutOfResources (nothing written) when the outbox is full."""
     insert_result(conn, result)
     record_objects(
         conn, result_id=result.result_id, objects=objects, destinations=destinations, now=now
     )
+    if hlc is not None:
+        enqueue(
+            conn,
+            key=f"result/{result.result_id}",
+            type=RecordType.RESULT,
+            lane=Lane.URGENT if result.critical else Lane.NORMAL,
+            payload=result_payload(result),
+            hlc=hlc,
+            now=now,
+            max_pending_bytes=max_outbox_bytes,
+        )
+        save_hlc(conn, hlc)
     conn.execute(
         "UPDATE inference_jobs SET state = ?, finished_at = ?, result_id = ? "
         "WHERE id = ? AND state = ?",
@@ -175,8 +193,21 @@ def finish_job(
     _maybe_finish_study(conn, job, now)
 
 
-def fail_job(conn: sqlite3.Connection, *, job: Job, error: str, retry: bool, now: float) -> None:
-    """FAILED with ``error``, or back to PENDING when ``retry`` (a transient failure)."""
+def fail_job(
+    conn: sqlite3.Connection,
+    *,
+    job: Job,
+    error: str,
+    retry: bool,
+    now: float,
+    refund_attempt: bool = False,
+) -> None:
+    """FAILED with ``error``, or back to PENDING when ``retry`` (a transient failure).
+    ``refund_attempt``: the failure was not the job's doing (e.g. the outbox is full)."""
+    if refund_attempt:
+        conn.execute(
+            "UPDATE inference_jobs SET attempts = max(attempts - 1, 0) WHERE id = ?", (job.id,)
+        )
     state = JobState.PENDING if retry else JobState.FAILED
     conn.execute(
         "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from edge_agent.clock import Clock
 from edge_agent.config import Config
-from edge_agent.errors import PermanentError, UntrustedError
+from edge_agent.errors import OutOfResources, PermanentError, UntrustedError
 from edge_agent.inference.models import Job
 from edge_agent.inference.postprocess import classification_findings, segmentation_findings
 from edge_agent.inference.preprocess import frames, preprocess_frame
@@ -46,6 +46,7 @@ from edge_agent.results.dicom import make_seg, make_sr
 from edge_agent.results.forward import ResultObject, write_object
 from edge_agent.results.models import Result, uuid7
 from edge_agent.store import Store
+from hub_protocol import HybridClock
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,16 @@ CPU_DEVICE = -1
 
 class InferenceWorker:
     def __init__(
-        self, cfg: Config, *, store: Store, registry: Registry, clock: Clock, metrics: Metrics
+        self,
+        cfg: Config,
+        *,
+        store: Store,
+        registry: Registry,
+        clock: Clock,
+        metrics: Metrics,
+        hlc: HybridClock | None = None,
     ) -> None:
+        self._hlc = hlc
         self._cfg = cfg
         self._inf = cfg.inference
         self._store = store
@@ -260,16 +269,25 @@ class InferenceWorker:
             log.exception("inference job failed", extra={"job_id": job.id, "retry": retry})
             self._fail(job, f"{type(exc).__name__}: {exc}", retry=retry)
         else:
-            self._store.writer.call(
-                partial(
-                    finish_job,
-                    job=job,
-                    result=result,
-                    now=self._clock.now(),
-                    objects=objects,
-                    destinations=self._cfg.results.destinations,
+            try:
+                self._finish(job, result, objects)
+            except OutOfResources as exc:
+                # The outbox is full (hub unreachable for long): keep the job for later,
+                # without counting it against the job; pause this worker.
+                log.warning(
+                    "result not stored yet: %s; job requeued", exc, extra={"job_id": job.id}
                 )
-            )
+                self._store.writer.call(
+                    partial(
+                        fail_job,
+                        job=job,
+                        error=str(exc),
+                        retry=True,
+                        now=self._clock.now(),
+                        refund_attempt=True,
+                    )
+                )
+                return False
             self._metrics.inference_jobs.labels(job.model_name, "done").inc()
             self._metrics.inference_seconds.labels(job.model_name, result.provider).observe(
                 time.perf_counter() - started
@@ -289,6 +307,20 @@ class InferenceWorker:
                 },
             )
         return True
+
+    def _finish(self, job: Job, result: Result, objects: list[ResultObject]) -> None:
+        self._store.writer.call(
+            partial(
+                finish_job,
+                job=job,
+                result=result,
+                now=self._clock.now(),
+                objects=objects,
+                destinations=self._cfg.results.destinations,
+                hlc=self._hlc.now() if self._hlc is not None else None,
+                max_outbox_bytes=self._cfg.sync.outbox_max_mb * 2**20,
+            )
+        )
 
     def _fail(self, job: Job, error: str, *, retry: bool) -> None:
         self._store.writer.call(

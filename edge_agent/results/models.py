@@ -40,3 +40,22 @@ class Result:
     created_at: float
     supersedes: str | None = None
     superseded_by: str | None = None
+
+
+def result_payload(r: Result) -> dict[str, Any]:
+    """What goes to the hub for a result (no patient identifiers are part of a result)."""
+    return {
+        "result_id": r.result_id,
+        "study_uid": r.study_uid,
+        "series_uid": r.series_uid,
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "model_sha256": r.model_sha256,
+        "provider": r.provider,
+        "task": r.task,
+        "findings": dict(r.findings),
+        "critical": r.critical,
+        "instances": r.instances,
+        "created_at": r.created_at,
+        "supersedes": r.supersedes,
+    }

@@ -210,6 +210,40 @@ MIGRATIONS: Sequence[Migration] = (
         CREATE INDEX forwards_due ON forwards(state, next_attempt_at);
         """,
     ),
+    Migration(
+        "0004_outbox",
+        """
+        CREATE TABLE outbox (
+            id              INTEGER PRIMARY KEY,
+            lane            TEXT NOT NULL,             -- urgent|normal|batch
+            seq             INTEGER NOT NULL,          -- 1, 2, ... per lane, no gaps
+            key             TEXT NOT NULL,
+            type            TEXT NOT NULL,
+            hlc             TEXT NOT NULL,
+            base_version    INTEGER NOT NULL,
+            payload         TEXT NOT NULL,             -- JSON
+            size_bytes      INTEGER NOT NULL,
+            state           TEXT NOT NULL,             -- PENDING|ACKED|DEAD
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            created_at      REAL NOT NULL,
+            acked_at        REAL,
+            error           TEXT,
+            UNIQUE (lane, seq)
+        );
+        CREATE INDEX outbox_pending ON outbox(state, lane, seq);
+
+        CREATE TABLE outbox_lanes (
+            lane            TEXT PRIMARY KEY,
+            last_seq        INTEGER NOT NULL,          -- last seq handed out
+            high_water      INTEGER NOT NULL DEFAULT 0 -- what the hub said it holds
+        );
+
+        CREATE TABLE sync_state (
+            name            TEXT PRIMARY KEY,          -- e.g. hlc
+            value           TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -385,3 +385,64 @@ def test_results_forwarded_to_pacs_and_a_down_destination_is_retried_then_dead(
     assert states == {("PACS", "SENT"), ("DOWN", "DEAD")}
     clock.advance(3600)
     assert app.forwarder.tick() == (0, 0)  # dead letters are not retried silently
+
+
+def test_results_enter_the_outbox_in_the_same_transaction(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _app(app_factory, tmp_path, [ref_models[SEG_NAME], ref_models[CLS_NAME]])
+    ct = make_study(tmp_path / "ct", modality="CT", slices=6, size=512, seed="outbox")
+    assert storescu(app.listener.port, *ct.files).returncode == 0
+    _complete(app, clock)
+    app.inference.drain()
+    results = {r["result_id"]: r for r in app.store.query("SELECT * FROM results")}
+    rows = app.store.query("SELECT * FROM outbox ORDER BY lane, seq")
+    assert {r["key"] for r in rows} == {f"result/{rid}" for rid in results}
+    for r in rows:
+        res = results[r["key"].split("/", 1)[1]]
+        assert r["lane"] == ("urgent" if res["critical"] else "normal")
+        assert json.loads(r["payload"])["findings"] == json.loads(res["findings"])
+    hlcs = [r["hlc"] for r in app.store.query("SELECT hlc FROM outbox ORDER BY id")]
+    assert hlcs == sorted(hlcs) and len(set(hlcs)) == len(hlcs)
+    (saved,) = app.store.query("SELECT value FROM sync_state WHERE name = 'hlc'")[0]
+    assert saved == hlcs[-1]
+
+
+def test_full_outbox_holds_results_back_without_failing_or_dropping(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    from edge_agent.sync import outbox
+    from hub_protocol import HLC, Lane, PushReceipt, RecordType
+
+    app = app_factory(make_config(tmp_path, sync={"outbox_max_mb": 1}))
+    app.registry.install(ref_models[CLS_NAME])
+    filler = {"pad": "x" * (2**20 - 200)}
+    app.store.writer.call(
+        lambda c: outbox.enqueue(
+            c,
+            key="heartbeat/filler",
+            type=RecordType.HEARTBEAT,
+            lane=Lane.BATCH,
+            payload=filler,
+            hlc=HLC(1, 0, "edge"),
+            now=clock.now(),
+        )
+    )
+    mr = make_study(tmp_path / "mr", modality="MR", slices=2, size=64, seed="full")
+    assert storescu(app.listener.port, *mr.files).returncode == 0
+    _complete(app, clock)
+    app.inference.schedule()
+    assert app.inference.run_one() is False  # could not store: paused, job kept
+    (job,) = app.store.query("SELECT state, attempts, error FROM inference_jobs")
+    assert (job["state"], job["attempts"]) == ("PENDING", 0) and "outbox full" in job["error"]
+    assert _study_state(app, mr.study_uid) == "INFERRING"
+    assert app.store.query("SELECT count(*) FROM results")[0][0] == 0  # nothing half-written
+    # the hub takes the backlog: space again, and the job completes
+    app.store.writer.call(
+        lambda c: outbox.apply_receipt(
+            c, PushReceipt(receipts=(), high_water={Lane.BATCH: 1}), now=clock.now()
+        )
+    )
+    assert app.inference.drain() == 1
+    assert _study_state(app, mr.study_uid) == "DONE"
+    assert app.store.query("SELECT count(*) FROM outbox WHERE state = 'PENDING'")[0][0] == 1
