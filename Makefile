@@ -32,10 +32,12 @@ bench: system-deps venv
 
 system-deps:
 	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
-	    && command -v storescp >/dev/null; then :; else \
-	  echo "installing DCMTK (apt-get)"; \
+	    && command -v storescp >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; \
+	then :; else \
+	  echo "installing DCMTK and PostgreSQL (apt-get)"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dcmtk; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    dcmtk postgresql; \
 	fi
 
 venv: $(STAMP)

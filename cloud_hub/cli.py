@@ -1,26 +1,134 @@
 """The ``cloud-hub`` command.
 
-The hub's service (enrollment, push/pull sync, fleet status) is built by the sync issue; until
-then this command only reports its version and says so, rather than pretending to serve.
+Examples::
+
+    cloud-hub run --database-url sqlite:///hub.db --port 8443
+    cloud-hub sites enroll "St. Mary radiology" --database-url sqlite:///hub.db
+    cloud-hub sites list --database-url postgresql+psycopg://hub@db/hub
+
+``--database-url`` defaults to ``$HUB_DATABASE_URL``, then ``sqlite:///hub.db``; the ops
+token for the fleet view comes from ``$HUB_OPS_TOKEN``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from cloud_hub import __version__
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("HUB_DATABASE_URL", "sqlite:///hub.db"),
+        help="SQLAlchemy URL (default $HUB_DATABASE_URL or sqlite:///hub.db)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cloud-hub",
+        description="Central hub for edge agents.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::", 1)[1] if __doc__ else None,
+    )
+    p.add_argument("--version", action="version", version=f"cloud-hub {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="serve the hub API until SIGTERM",
+        description="serve the hub API\n\nexample:\n  cloud-hub run --port 8443",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _db_arg(run)
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8443)
+    run.set_defaults(func=_cmd_run)
+    sites = sub.add_parser("sites", help="enroll and list sites")
+    ssub = sites.add_subparsers(title="sites commands", metavar="ACTION")
+    en = ssub.add_parser("enroll", help="create a one-time enrollment token for a new site")
+    _db_arg(en)
+    en.add_argument("name", help="a human name for the site")
+    en.add_argument("--ttl-hours", type=float, default=168.0)
+    en.set_defaults(func=_cmd_enroll)
+    ls = ssub.add_parser("list", help="enrolled sites and their last heartbeat")
+    _db_arg(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    p = argparse.ArgumentParser(
-        prog="cloud-hub",
-        description="Central hub for edge agents. Not implemented yet in this version: "
-        "only --version is available.",
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+    except Exception as exc:  # one line for the operator, not a traceback
+        print(f"cloud-hub: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+def _store(url: str):  # type: ignore[no-untyped-def]
+    from cloud_hub.db import HubStore, connect
+
+    return HubStore(connect(url))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from cloud_hub.app import HubConfig, create_app
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = HubConfig(
+        database_url=args.database_url,
+        host=args.host,
+        port=args.port,
+        ops_token=os.environ.get("HUB_OPS_TOKEN", ""),
     )
-    p.add_argument("--version", action="version", version=f"cloud-hub {__version__}")
-    p.parse_args(argv)
-    print("cloud-hub: no service in this version yet (see README, 'Status')", file=sys.stderr)
-    return 2
+    web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, print=None)
+    return EXIT_OK
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    token = _store(args.database_url).create_enrollment_token(
+        args.name, ttl_s=args.ttl_hours * 3600
+    )
+    print(token)
+    print(
+        f"one-time token for {args.name!r}, valid {args.ttl_hours:g} h: give it to the site's "
+        "operator (edge-agent sync enroll)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = _store(args.database_url).list_sites()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no sites enrolled")
+    for r in rows:
+        seen = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_seen_at"]))
+            if r["last_seen_at"]
+            else "never"
+        )
+        print(f"{r['site_id']:<22} {r['name']:<30} last seen {seen}")
+    return EXIT_OK

@@ -184,3 +184,74 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
 def associations_closed(app: Any) -> bool:
     rows = app.store.query("SELECT count(*) FROM associations WHERE outcome = 'open'")
     return int(rows[0][0]) == 0
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL server for the session (initdb + pg_ctl as the postgres user).
+    Skips with the reason if none can be started here."""
+    import glob
+    import time
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    bindir = bins[-1]
+    import tempfile
+
+    # not under pytest's tmp dir: that is private to root, and the server runs as postgres
+    root = Path(tempfile.mkdtemp(prefix="edge-test-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    init = subprocess.run(
+        [*as_pg, f"{bindir}/initdb", "-D", str(data), "--auth=trust", "-U", "postgres"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if init.returncode != 0:
+        pytest.skip(f"cannot initdb a PostgreSQL cluster: {init.stderr.strip()[:300]}")
+    start = subprocess.run(
+        [
+            *as_pg,
+            f"{bindir}/pg_ctl",
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "log"),
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if start.returncode != 0:
+        pytest.skip(f"cannot start PostgreSQL: {start.stderr.strip()[:300]}")
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            subprocess.run(
+                [f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)],
+                capture_output=True,
+                check=False,
+            ).returncode
+            != 0
+        ):
+            assert time.monotonic() < deadline, "PostgreSQL did not become ready"
+            time.sleep(0.2)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"],
+            capture_output=True,
+            check=False,
+        )

@@ -1,0 +1,189 @@
+"""The hub's HTTP API (aiohttp), versioned under ``/v1``. JSON in, JSON out; errors are JSON
+``{"error": {"code", "message"}}`` with a fitting status. Every endpoint but enrollment
+needs ``Authorization: Bearer <site credential>``; the fleet view needs the ops token.
+
+===========================  ======  ======================================================
+path                         method  what
+===========================  ======  ======================================================
+/v1/enroll                   POST    one-time token -> site id + credential
+/v1/push                     POST    a PushBatch -> a PushReceipt (idempotent)
+/v1/high-water               GET     per-lane high-water marks of this site
+/v1/changes?cursor=N         GET     this site's change feed after a cursor
+/v1/heartbeat                POST    health summary
+/v1/results?study_uid=U      GET     this site's results
+/v1/fleet                    GET     every site's last heartbeat (ops token)
+/healthz                     GET     process alive
+===========================  ======  ======================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy.exc
+from aiohttp import web
+
+from cloud_hub.db import AuthError, HubStore, connect
+from hub_protocol import PROTOCOL_VERSIONS, ProtocolError, PushBatch
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubConfig:
+    """``database_url``: SQLAlchemy URL (``sqlite:///hub.db`` by default,
+    ``postgresql+psycopg://user@host/db`` in production). ``ops_token``: bearer token for the
+    fleet view and enrollment-token creation over HTTP (empty = disabled)."""
+
+    database_url: str = "sqlite:///hub.db"
+    host: str = "127.0.0.1"
+    port: int = 8443
+    ops_token: str = ""
+
+
+STORE = web.AppKey("store", HubStore)
+CONFIG = web.AppKey("config", HubConfig)
+SITE = web.RequestKey("site_id", str)
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("missing bearer credential")
+    return token.strip()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate site endpoints; translate failures into JSON errors in one place."""
+    try:
+        if request.path.startswith("/v1/") and request.path not in ("/v1/enroll", "/v1/fleet"):
+            store = request.app[STORE]
+            request[SITE] = await asyncio.to_thread(store.authenticate, _bearer(request))
+        return await handler(request)
+    except AuthError as exc:
+        return error(401, "unauthenticated", str(exc))
+    except ProtocolError as exc:
+        return error(400, "bad_request", str(exc))
+    except json.JSONDecodeError as exc:
+        return error(400, "bad_json", f"body is not JSON: {exc}")
+    except sqlalchemy.exc.OperationalError as exc:
+        log.exception("database unavailable")
+        return error(503, "unavailable", f"database unavailable: {str(exc).splitlines()[0]}")
+    except sqlalchemy.exc.IntegrityError:
+        return error(409, "conflict", "concurrent write for the same records; resend")
+
+
+async def _json(request: web.Request) -> Any:
+    return json.loads(await request.read())
+
+
+async def enroll(request: web.Request) -> web.Response:
+    body = await _json(request)
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise ProtocolError("missing 'token'")
+    done = await asyncio.to_thread(request.app[STORE].enroll, token)
+    return web.json_response(
+        {
+            "site_id": done.site_id,
+            "credential": done.credential,
+            "protocol_versions": list(PROTOCOL_VERSIONS),
+        }
+    )
+
+
+async def push(request: web.Request) -> web.Response:
+    batch = PushBatch.from_json(await _json(request))
+    site = request[SITE]
+    if batch.site_id != site:
+        return error(403, "forbidden", "a site can push only its own records")
+    receipt = await asyncio.to_thread(request.app[STORE].push, site, batch)
+    return web.json_response(receipt.to_json())
+
+
+async def high_water(request: web.Request) -> web.Response:
+    hw = await asyncio.to_thread(request.app[STORE].high_water, request[SITE])
+    return web.json_response({"high_water": {k.value: v for k, v in hw.items()}})
+
+
+async def changes(request: web.Request) -> web.Response:
+    try:
+        cursor = int(request.query.get("cursor", "0"))
+        limit = min(int(request.query.get("limit", "500")), 5000)
+    except ValueError as exc:
+        raise ProtocolError(f"bad cursor/limit: {exc}") from exc
+    rows = await asyncio.to_thread(request.app[STORE].changes_after, request[SITE], cursor, limit)
+    for r in rows:
+        r["payload"] = json.loads(r["payload"])
+    next_cursor = rows[-1]["cursor"] if rows else cursor
+    return web.json_response({"changes": rows, "next_cursor": next_cursor})
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise ProtocolError("heartbeat must be an object")
+    await asyncio.to_thread(request.app[STORE].heartbeat, request[SITE], body)
+    return web.json_response({"ok": True})
+
+
+async def results(request: web.Request) -> web.Response:
+    rows = await asyncio.to_thread(
+        request.app[STORE].results, request[SITE], study_uid=request.query.get("study_uid")
+    )
+    return web.json_response({"results": rows})
+
+
+async def fleet(request: web.Request) -> web.Response:
+    ops = request.app[CONFIG].ops_token
+    if not ops or not hmac.compare_digest(_bearer(request), ops):
+        raise AuthError("the fleet view needs the ops token")
+    rows = await asyncio.to_thread(request.app[STORE].list_sites)
+    for r in rows:
+        r["health"] = json.loads(r["health"]) if r["health"] else None
+    return web.json_response({"sites": rows})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Application:
+    """The hub application; the database is opened (and migrated) in ``cleanup_ctx``."""
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        s = store or HubStore(await asyncio.to_thread(connect, config.database_url))
+        app[STORE] = s
+        yield
+        if store is None:
+            s.engine.dispose()
+
+    app.cleanup_ctx.append(database)
+    app.router.add_post("/v1/enroll", enroll)
+    app.router.add_post("/v1/push", push)
+    app.router.add_get("/v1/high-water", high_water)
+    app.router.add_get("/v1/changes", changes)
+    app.router.add_post("/v1/heartbeat", heartbeat)
+    app.router.add_get("/v1/results", results)
+    app.router.add_get("/v1/fleet", fleet)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,420 @@
+"""The hub's storage: SQLAlchemy Core, the same tables and migrations on SQLite (embedded
+default) and PostgreSQL (production). Every query is scoped by ``site_id``: a site can read
+and write only its own rows.
+
+Push is applied in one transaction per batch: each ``(site, key)`` at most once, each
+``(site, lane, seq)`` at most once; the lane's high-water mark is the highest seq with every
+lower seq of the lane held (applied or rejected).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from hub_protocol import (
+    Lane,
+    PushBatch,
+    PushReceipt,
+    Receipt,
+    ReceiptStatus,
+    RecordType,
+)
+
+metadata = sa.MetaData()
+
+hub_migrations = sa.Table(
+    "hub_migrations",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+sites = sa.Table(
+    "sites",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("credential_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float),
+    sa.Column("health", sa.Text),  # last heartbeat payload (JSON)
+)
+enrollment_tokens = sa.Table(
+    "enrollment_tokens",
+    metadata,
+    sa.Column("token_sha256", sa.String(64), primary_key=True),
+    sa.Column("site_name", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("used_at", sa.Float),
+    sa.Column("site_id", sa.String(64)),
+)
+records = sa.Table(
+    "records",
+    metadata,
+    sa.Column("site_id", sa.String(64), sa.ForeignKey("sites.site_id"), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("lane", sa.String(10), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hlc", sa.String(100), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+lane_seqs = sa.Table(  # every (site, lane, seq) the hub has processed, applied or rejected
+    "lane_seqs",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("lane", sa.String(10), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("status", sa.String(12), nullable=False),
+)
+lanes = sa.Table(
+    "lanes",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("lane", sa.String(10), primary_key=True),
+    sa.Column("high_water", sa.BigInteger, nullable=False),
+)
+changes = sa.Table(  # the change feed a site pulls (cloud-side edits, assignments, ...)
+    "changes",
+    metadata,
+    sa.Column(
+        "cursor",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("site_id", sa.String(64), nullable=False, index=True),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("key", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
+    ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
+)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``url`` with every pending migration applied (each in a transaction,
+    recorded in ``hub_migrations``)."""
+    engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+    with engine.begin() as conn:
+        hub_migrations.create(conn, checkfirst=True)
+    for name, tables in MIGRATIONS:
+        with engine.begin() as conn:
+            done = conn.execute(
+                sa.select(hub_migrations.c.name).where(hub_migrations.c.name == name)
+            ).first()
+            if done:
+                continue
+            for t in tables:
+                t.create(conn, checkfirst=True)
+            conn.execute(hub_migrations.insert().values(name=name, applied_at=time.time()))
+    return engine
+
+
+class AuthError(Exception):
+    """Bad or missing credential / token (HTTP 401)."""
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    site_id: str
+    credential: str
+
+
+class HubStore:
+    """All the hub's reads and writes, each scoped to one site."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- enrollment and auth -----------------------------------------------------------------
+
+    def create_enrollment_token(
+        self, site_name: str, *, ttl_s: float = 7 * 86400, now: float | None = None
+    ) -> str:
+        """A one-time token for ops to hand to a new site (stored hashed)."""
+        now = time.time() if now is None else now
+        token = secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(
+                enrollment_tokens.insert().values(
+                    token_sha256=_sha(token),
+                    site_name=site_name,
+                    created_at=now,
+                    expires_at=now + ttl_s,
+                )
+            )
+        return token
+
+    def enroll(self, token: str, *, now: float | None = None) -> Enrolled:
+        """Trade a one-time token for a site id and its own credential. A used, unknown or
+        expired token raises AuthError (a replayed token never enrolls twice)."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            row = (
+                conn.execute(
+                    sa.select(enrollment_tokens).where(
+                        enrollment_tokens.c.token_sha256 == _sha(token)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None or row["used_at"] is not None or row["expires_at"] < now:
+                raise AuthError("enrollment token unknown, already used or expired")
+            site_id = "site-" + secrets.token_hex(8)
+            credential = secrets.token_urlsafe(32)
+            # the conditional update makes a concurrent replay lose the race
+            used = conn.execute(
+                enrollment_tokens.update()
+                .where(
+                    enrollment_tokens.c.token_sha256 == _sha(token),
+                    enrollment_tokens.c.used_at.is_(None),
+                )
+                .values(used_at=now, site_id=site_id)
+            )
+            if used.rowcount != 1:
+                raise AuthError("enrollment token already used")
+            conn.execute(
+                sites.insert().values(
+                    site_id=site_id,
+                    name=row["site_name"],
+                    credential_sha256=_sha(credential),
+                    enrolled_at=now,
+                )
+            )
+        return Enrolled(site_id, credential)
+
+    def authenticate(self, credential: str) -> str:
+        """The site id a credential belongs to; AuthError otherwise."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(sites.c.site_id).where(sites.c.credential_sha256 == _sha(credential))
+            ).first()
+        if row is None:
+            raise AuthError("unknown credential")
+        return str(row[0])
+
+    def list_sites(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(
+                        sites.c.site_id,
+                        sites.c.name,
+                        sites.c.enrolled_at,
+                        sites.c.last_seen_at,
+                        sites.c.health,
+                    ).order_by(sites.c.enrolled_at)
+                ).mappings()
+            ]
+
+    # -- push ------------------------------------------------------------------------------------
+
+    def _high_water(self, conn: Connection, site_id: str) -> dict[Lane, int]:
+        return {
+            Lane(r[0]): int(r[1])
+            for r in conn.execute(
+                sa.select(lanes.c.lane, lanes.c.high_water).where(lanes.c.site_id == site_id)
+            )
+        }
+
+    def high_water(self, site_id: str) -> dict[Lane, int]:
+        with self.engine.connect() as conn:
+            return self._high_water(conn, site_id)
+
+    def push(self, site_id: str, batch: PushBatch, *, now: float | None = None) -> PushReceipt:
+        """Apply a batch for ``site_id`` (at most once per key and per lane seq)."""
+        now = time.time() if now is None else now
+        out: list[Receipt] = []
+        with self.engine.begin() as conn:
+            hw = self._high_water(conn, site_id)
+            touched: set[Lane] = set()
+            for rec in batch.records:
+                held = conn.execute(
+                    sa.select(lane_seqs.c.status).where(
+                        lane_seqs.c.site_id == site_id,
+                        lane_seqs.c.lane == rec.lane.value,
+                        lane_seqs.c.seq == rec.seq,
+                    )
+                ).first()
+                if held is not None or rec.seq <= hw.get(rec.lane, 0):
+                    out.append(Receipt(key=rec.key, seq=rec.seq, status=ReceiptStatus.DUPLICATE))
+                    continue
+                existing = conn.execute(
+                    sa.select(records.c.version).where(
+                        records.c.site_id == site_id, records.c.key == rec.key
+                    )
+                ).first()
+                if existing is not None and rec.type is RecordType.RESULT:
+                    status, version, error = (
+                        ReceiptStatus.REJECTED,
+                        int(existing[0]),
+                        ("results are immutable: a new result supersedes, it never replaces"),
+                    )
+                elif existing is not None:
+                    version = int(existing[0]) + 1
+                    conn.execute(
+                        records.update()
+                        .where(records.c.site_id == site_id, records.c.key == rec.key)
+                        .values(
+                            type=rec.type.value,
+                            lane=rec.lane.value,
+                            seq=rec.seq,
+                            hlc=rec.hlc.encode(),
+                            version=version,
+                            payload=json.dumps(dict(rec.payload), sort_keys=True),
+                            received_at=now,
+                        )
+                    )
+                    status = (
+                        ReceiptStatus.APPLIED
+                        if rec.base_version == existing[0]
+                        else ReceiptStatus.CONFLICT
+                    )
+                    error = ""
+                else:
+                    version = 1
+                    conn.execute(
+                        records.insert().values(
+                            site_id=site_id,
+                            key=rec.key,
+                            type=rec.type.value,
+                            lane=rec.lane.value,
+                            seq=rec.seq,
+                            hlc=rec.hlc.encode(),
+                            version=1,
+                            payload=json.dumps(dict(rec.payload), sort_keys=True),
+                            received_at=now,
+                        )
+                    )
+                    status, error = ReceiptStatus.APPLIED, ""
+                conn.execute(
+                    lane_seqs.insert().values(
+                        site_id=site_id, lane=rec.lane.value, seq=rec.seq, status=status.value
+                    )
+                )
+                touched.add(rec.lane)
+                out.append(
+                    Receipt(key=rec.key, seq=rec.seq, status=status, version=version, error=error)
+                )
+            for lane in touched:
+                hw[lane] = self._advance(conn, site_id, lane, hw.get(lane, 0))
+            conn.execute(sites.update().where(sites.c.site_id == site_id).values(last_seen_at=now))
+        return PushReceipt(receipts=tuple(out), high_water=hw)
+
+    def _advance(self, conn: Connection, site_id: str, lane: Lane, hw: int) -> int:
+        seqs = [
+            int(r[0])
+            for r in conn.execute(
+                sa.select(lane_seqs.c.seq)
+                .where(
+                    lane_seqs.c.site_id == site_id,
+                    lane_seqs.c.lane == lane.value,
+                    lane_seqs.c.seq > hw,
+                )
+                .order_by(lane_seqs.c.seq)
+            )
+        ]
+        for s in seqs:
+            if s != hw + 1:
+                break
+            hw = s
+        updated = conn.execute(
+            lanes.update()
+            .where(lanes.c.site_id == site_id, lanes.c.lane == lane.value)
+            .values(high_water=hw)
+        )
+        if updated.rowcount == 0:
+            conn.execute(lanes.insert().values(site_id=site_id, lane=lane.value, high_water=hw))
+        return hw
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def heartbeat(self, site_id: str, health: dict[str, Any], *, now: float | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sites.update()
+                .where(sites.c.site_id == site_id)
+                .values(
+                    last_seen_at=time.time() if now is None else now,
+                    health=json.dumps(health, sort_keys=True),
+                )
+            )
+
+    def results(
+        self, site_id: str, *, study_uid: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        q = sa.select(
+            records.c.key, records.c.payload, records.c.lane, records.c.seq, records.c.received_at
+        ).where(records.c.site_id == site_id, records.c.type == RecordType.RESULT.value)
+        with self.engine.connect() as conn:
+            rows = [
+                dict(r)
+                for r in conn.execute(
+                    q.order_by(records.c.received_at.desc()).limit(limit)
+                ).mappings()
+            ]
+        out = []
+        for r in rows:
+            payload = json.loads(r.pop("payload"))
+            if study_uid is None or payload.get("study_uid") == study_uid:
+                out.append({**r, "result": payload})
+        return out
+
+    def changes_after(self, site_id: str, cursor: int, limit: int = 500) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(changes)
+                    .where(changes.c.site_id == site_id, changes.c.cursor > cursor)
+                    .order_by(changes.c.cursor)
+                    .limit(limit)
+                ).mappings()
+            ]
+
+    def add_change(
+        self,
+        site_id: str,
+        *,
+        type: str,
+        key: str,
+        version: int,
+        payload: dict[str, Any],
+        now: float | None = None,
+    ) -> int:
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                changes.insert().values(
+                    site_id=site_id,
+                    type=type,
+                    key=key,
+                    version=version,
+                    payload=json.dumps(payload, sort_keys=True),
+                    created_at=time.time() if now is None else now,
+                )
+            )
+            pk = res.inserted_primary_key
+            assert pk is not None
+            return int(pk[0])

@@ -1,0 +1,175 @@
+"""The real hub app over HTTP (aiohttp test server), on SQLite and on a real PostgreSQL:
+enrollment, authentication, site isolation, idempotent push and high-water marks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloud_hub.app import HubConfig, create_app
+from cloud_hub.db import HubStore, connect
+from hub_protocol import HLC, Lane, PushBatch, Record, RecordType
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    base: str = request.getfixturevalue("postgres_url")
+    import psycopg
+
+    name = f"hub_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return base.rsplit("/", 1)[0] + f"/{name}"
+
+
+@asynccontextmanager
+async def hub(
+    url: str, ops_token: str = "ops-secret"
+) -> AsyncIterator[tuple[TestClient[Any, Any], HubStore]]:
+    store = HubStore(connect(url))
+    app = create_app(HubConfig(database_url=url, ops_token=ops_token), store=store)
+    async with TestClient(TestServer(app)) as client:
+        yield client, store
+    store.engine.dispose()
+
+
+def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+async def enrolled(
+    client: TestClient[Any, Any], store: HubStore, name: str
+) -> tuple[str, dict[str, str]]:
+    token = store.create_enrollment_token(name)
+    r = await client.post("/v1/enroll", json={"token": token})
+    assert r.status == 200, await r.text()
+    body = await r.json()
+    return body["site_id"], {"Authorization": f"Bearer {body['credential']}"}
+
+
+def rec(
+    key: str,
+    seq: int,
+    lane: Lane = Lane.NORMAL,
+    rtype: RecordType = RecordType.RESULT,
+    payload: dict[str, Any] | None = None,
+) -> Record:
+    return Record(
+        key=key,
+        seq=seq,
+        type=rtype,
+        lane=lane,
+        hlc=HLC(seq, 0, "edge"),
+        base_version=0,
+        payload=payload or {"study_uid": "1.2.3", "n": seq},
+    )
+
+
+def test_enrollment_is_one_time_and_every_request_is_authenticated(hub_url: str) -> None:
+    async def go() -> None:
+        async with hub(hub_url) as (client, store):
+            token = store.create_enrollment_token("St. Elsewhere")
+            first = await client.post("/v1/enroll", json={"token": token})
+            assert first.status == 200
+            replay = await client.post("/v1/enroll", json={"token": token})
+            assert replay.status == 401
+            assert "already used" in (await replay.json())["error"]["message"]
+            for path in ("/v1/high-water", "/v1/results", "/v1/changes"):
+                assert (await client.get(path)).status == 401
+                assert (
+                    await client.get(path, headers={"Authorization": "Bearer nope"})
+                ).status == 401
+            assert (await client.post("/v1/push", data=b"{}")).status == 401
+            assert (await client.get("/v1/fleet")).status == 401
+            fleet = await client.get("/v1/fleet", headers={"Authorization": "Bearer ops-secret"})
+            assert fleet.status == 200 and len((await fleet.json())["sites"]) == 1
+
+    run(go)
+
+
+def test_push_is_idempotent_and_sites_are_isolated(hub_url: str) -> None:
+    async def go() -> None:
+        async with hub(hub_url) as (client, store):
+            a, auth_a = await enrolled(client, store, "A")
+            _, auth_b = await enrolled(client, store, "B")
+            batch = PushBatch(
+                protocol=1,
+                site_id=a,
+                records=(
+                    rec("result/r1", 1),
+                    rec("result/r2", 2),
+                    rec("result/u1", 1, Lane.URGENT),
+                ),
+            )
+            r = await client.post("/v1/push", data=batch.encode(), headers=auth_a)
+            body = await r.json()
+            assert [x["status"] for x in body["receipts"]] == ["applied"] * 3
+            assert body["high_water"] == {"normal": 2, "urgent": 1}
+            again = await (
+                await client.post("/v1/push", data=batch.encode(), headers=auth_a)
+            ).json()
+            assert [x["status"] for x in again["receipts"]] == ["duplicate"] * 3
+            # B cannot push as A, and sees none of A's results
+            forged = await client.post("/v1/push", data=batch.encode(), headers=auth_b)
+            assert forged.status == 403
+            assert (await (await client.get("/v1/results", headers=auth_b)).json()) == {
+                "results": []
+            }
+            mine = await (await client.get("/v1/results", headers=auth_a)).json()
+            assert {x["key"] for x in mine["results"]} == {"result/r1", "result/r2", "result/u1"}
+            # a result is immutable: the same key under a new seq is rejected, not applied
+            twice = PushBatch(protocol=1, site_id=a, records=(rec("result/r1", 3),))
+            body = await (await client.post("/v1/push", data=twice.encode(), headers=auth_a)).json()
+            assert body["receipts"][0]["status"] == "rejected"
+            assert body["high_water"]["normal"] == 3  # held (as rejected): the lane moves on
+            assert (await client.post("/v1/push", data=b"not json", headers=auth_a)).status == 400
+            bad = json.dumps({"protocol": 99, "site_id": a, "records": []}).encode()
+            r = await client.post("/v1/push", data=bad, headers=auth_a)
+            assert r.status == 400 and "protocol" in (await r.json())["error"]["message"]
+
+    run(go)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(order=st.lists(st.integers(1, 8), min_size=1, max_size=30))
+def test_any_interleaving_of_resends_applies_each_record_once(
+    tmp_path_factory: pytest.TempPathFactory, order: list[int]
+) -> None:
+    """Resend batches in any order and with any repetition: each key is applied once, the
+    high-water mark is the largest gap-free prefix of what arrived."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('hub') / 'hub.db'}"
+
+    async def go() -> None:
+        async with hub(url) as (client, store):
+            site, auth = await enrolled(client, store, "S")
+            applied: dict[str, int] = {}
+            for seq in order:
+                batch = PushBatch(protocol=1, site_id=site, records=(rec(f"result/k{seq}", seq),))
+                body = await (
+                    await client.post("/v1/push", data=batch.encode(), headers=auth)
+                ).json()
+                for x in body["receipts"]:
+                    if x["status"] == "applied":
+                        applied[x["key"]] = applied.get(x["key"], 0) + 1
+            assert applied == {f"result/k{s}": 1 for s in set(order)}
+            hw = 0
+            while hw + 1 in set(order):
+                hw += 1
+            got = await (await client.get("/v1/high-water", headers=auth)).json()
+            assert got["high_water"].get("normal", 0) == hw
+
+    run(go)
