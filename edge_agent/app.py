@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from edge_agent import __version__
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.dicom_listener import DicomListener
@@ -28,7 +29,10 @@ from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool, Store
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
+from edge_agent.sync import outbox
+from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.state import load_hlc
+from edge_agent.sync.uplink import Uplink, UplinkSettings
 from hub_protocol import HybridClock
 
 log = logging.getLogger(__name__)
@@ -108,6 +112,22 @@ class EdgeApp:
             hlc=self.hlc,
         )
         self.inference.recover()
+        self.uplink: Uplink | None = None
+        cred_path = cfg.sync.credential_path(s.data_dir)
+        if cred_path.exists():
+            sy = cfg.sync
+            self.uplink = Uplink(
+                HttpHubClient(Credential.load(cred_path)),
+                store=self.store,
+                clock=self.clock,
+                settings=UplinkSettings(
+                    max_records=sy.batch_max_records,
+                    max_bytes=sy.batch_max_kb * 1024,
+                    retry_initial_s=sy.retry_initial_s,
+                    retry_max_s=sy.retry_max_s,
+                    heartbeat_interval_s=sy.heartbeat_interval_s,
+                ),
+            )
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
         )
@@ -164,6 +184,22 @@ class EdgeApp:
             )
         return report
 
+    def health(self) -> dict[str, object]:
+        """The summary sent in heartbeats (and, later, shown by the web UI)."""
+        with self.store.read() as conn:
+            ob = outbox.stats(conn)
+            studies = dict(conn.execute("SELECT state, count(*) FROM studies GROUP BY state"))
+        return {
+            "outbox": {lane.value: n for lane, n in ob.depth.items()},
+            "outbox_dead": ob.dead,
+            "oldest_unsynced_age_s": (
+                round(self.clock.now() - ob.oldest_pending_at, 1) if ob.oldest_pending_at else 0
+            ),
+            "studies": studies,
+            "inference_devices": list(self.inference.devices),
+            "version": __version__,
+        }
+
     def close(self) -> None:
         """Drain the writer, close the store and mark a clean stop."""
         self.store.close()
@@ -191,6 +227,15 @@ class EdgeApp:
             else None
         )
         forwarder = asyncio.create_task(self.forwarder.run(stop), name="forwarder")
+        uplink = None
+        if self.uplink is not None:
+            loop, up = asyncio.get_running_loop(), self.uplink
+
+            def wake_uplink() -> None:  # called from an inference thread
+                loop.call_soon_threadsafe(up.wake)
+
+            self.inference.on_result = wake_uplink
+            uplink = asyncio.create_task(up.run(stop, health=self.health), name="uplink")
         log.info("edge agent ready", extra={"port": self.listener.port})
         try:
             await stop.wait()
@@ -202,6 +247,8 @@ class EdgeApp:
             if inference is not None:
                 await inference
             await forwarder
+            if uplink is not None:
+                await uplink
             await asyncio.to_thread(self.inference.close)
             await asyncio.to_thread(self.close)
             log.info("edge agent stopped", extra={"aborted_associations": aborted})

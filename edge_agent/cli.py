@@ -190,6 +190,29 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_results)
 
     sp = add(
+        "sync",
+        "enroll with the hub; show the sync backlog and connectivity",
+        "edge-agent sync enroll --hub https://hub.example:8443 --token TOKEN",
+    )
+    ssub = sp.add_subparsers(title="sync commands", metavar="ACTION")
+    en = ssub.add_parser(
+        "enroll",
+        help="trade a one-time token from ops for this site's "
+        "credential (written to sync.credential_file, mode 0600)",
+    )
+    _config_arg(en)
+    en.add_argument("--hub", required=True, help="hub base URL")
+    en.add_argument("--token", required=True, help="one-time enrollment token")
+    en.set_defaults(func=_cmd_sync_enroll)
+    stp = ssub.add_parser(
+        "status",
+        help="outbox depth per lane, oldest unsynced, dead letters, last known connectivity",
+    )
+    _config_arg(stp)
+    stp.add_argument("--json", action="store_true")
+    stp.set_defaults(func=_cmd_sync_status)
+
+    sp = add(
         "forwards",
         "result objects (SEG, SR) queued for or sent to PACS, with attempts and errors",
         "edge-agent forwards --state DEAD --config /srv/edge/edge-agent.toml",
@@ -354,6 +377,71 @@ def _cmd_results(args: argparse.Namespace) -> int:
             f"\n    result {r.result_id}, {r.instances} instance(s), "
             f"inference {r.inference_ms:.0f} ms"
         )
+    return EXIT_OK
+
+
+def _cmd_sync_enroll(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edge_agent.sync.client import enroll
+
+    cfg = _load(args)
+    path = cfg.sync.credential_path(cfg.storage.data_dir)
+    if path.exists():
+        print(f"edge-agent: already enrolled ({path}); remove it to enroll again", file=sys.stderr)
+        return EXIT_ERROR
+    cred = asyncio.run(enroll(args.hub, args.token))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cred.save(path)
+    print(f"enrolled as {cred.site_id} with {cred.hub_url}; credential in {path}")
+    print("restart the agent (edge-agent run) to start syncing")
+    return EXIT_OK
+
+
+def _cmd_sync_status(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from edge_agent.sync import outbox
+    from edge_agent.sync.client import Credential
+
+    cfg = _load(args)
+    path = cfg.sync.credential_path(cfg.storage.data_dir)
+    store = _open_store(cfg)
+    try:
+        with store.read() as conn:
+            st = outbox.stats(conn)
+            state = dict(conn.execute("SELECT name, value FROM sync_state"))
+    finally:
+        store.close()
+    cred = Credential.load(path) if path.exists() else None
+    out = {
+        "enrolled": cred is not None,
+        "site_id": cred.site_id if cred else None,
+        "hub_url": cred.hub_url if cred else None,
+        "connectivity": state.get("connectivity", "unknown"),
+        "last_error": state.get("last_error", ""),
+        "pending": {lane.value: n for lane, n in st.depth.items()},
+        "pending_bytes": st.pending_bytes,
+        "oldest_unsynced_age_s": round(_time.time() - st.oldest_pending_at, 1)
+        if st.oldest_pending_at
+        else 0,
+        "dead_letters": st.dead,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    if cred is None:
+        print("not enrolled (edge-agent sync enroll --hub URL --token TOKEN)")
+    else:
+        print(f"site {cred.site_id} -> {cred.hub_url}: {out['connectivity']}")
+    if out["last_error"]:
+        print(f"  last error: {out['last_error']}")
+    p = out["pending"]
+    print(
+        f"  pending: urgent {p['urgent']}, normal {p['normal']}, batch {p['batch']} "
+        f"({st.pending_bytes} bytes); oldest unsynced {out['oldest_unsynced_age_s']} s; "
+        f"dead letters {st.dead}"
+    )
     return EXIT_OK
 
 

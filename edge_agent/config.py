@@ -209,11 +209,24 @@ class SyncConfig:
 
     ``node_id``: this agent's id in hybrid-logical-clock timestamps (letters, digits, ``._-``).
     ``outbox_max_mb``: pending outbox bytes at most; when full, new results wait (their jobs
-    are retried later) instead of anything being dropped.
+    are retried later) instead of anything being dropped. ``credential_file``: written by
+    ``edge-agent sync enroll`` (relative = inside ``storage.data_dir``); without it the agent
+    does not sync. Batches hold at most ``batch_max_records`` records / ``batch_max_kb`` KiB.
+    Failed pushes back off from ``retry_initial_s`` doubling to ``retry_max_s`` (with jitter).
     """
 
     node_id: str = "edge"
     outbox_max_mb: int = 2048
+    credential_file: str = "sync-credential.json"
+    batch_max_records: int = 500
+    batch_max_kb: int = 4096
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 300.0
+    heartbeat_interval_s: float = 60.0
+
+    def credential_path(self, data_dir: str) -> Path:
+        p = Path(self.credential_file)
+        return p if p.is_absolute() else Path(data_dir) / p
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -560,8 +573,19 @@ def validate(cfg: Config) -> None:
 
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cfg.sync.node_id):
         raise ConfigError("sync.node_id", "1-64 letters, digits, '.', '_' or '-'")
-    if not 1 <= cfg.sync.outbox_max_mb <= 1024 * 1024:
+    sy = cfg.sync
+    if not 1 <= sy.outbox_max_mb <= 1024 * 1024:
         raise ConfigError("sync.outbox_max_mb", "must be 1..1048576 MiB")
+    if not sy.credential_file:
+        raise ConfigError("sync.credential_file", "must not be empty")
+    if not 1 <= sy.batch_max_records <= 10000:
+        raise ConfigError("sync.batch_max_records", "must be 1..10000")
+    if not 1 <= sy.batch_max_kb <= 64 * 1024:
+        raise ConfigError("sync.batch_max_kb", "must be 1..65536 KiB")
+    if not 0 < sy.retry_initial_s <= sy.retry_max_s <= 3600:
+        raise ConfigError("sync.retry_initial_s", "must be > 0 and <= sync.retry_max_s <= 3600")
+    if not 1 <= sy.heartbeat_interval_s <= 86400:
+        raise ConfigError("sync.heartbeat_interval_s", "must be 1..86400 s")
 
     if cfg.logging.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -65,6 +66,7 @@ class InferenceWorker:
         hlc: HybridClock | None = None,
     ) -> None:
         self._hlc = hlc
+        self.on_result: Callable[[], None] | None = None  # e.g. wake the uplink
         self._cfg = cfg
         self._inf = cfg.inference
         self._store = store
@@ -288,6 +290,8 @@ class InferenceWorker:
                     )
                 )
                 return False
+            if self.on_result is not None:
+                self.on_result()
             self._metrics.inference_jobs.labels(job.model_name, "done").inc()
             self._metrics.inference_seconds.labels(job.model_name, result.provider).observe(
                 time.perf_counter() - started

@@ -1,0 +1,203 @@
+"""The seam to the hub: a small Protocol, the aiohttp implementation, and an in-memory fake.
+
+Third-party exceptions are translated here, once, into what the caller should do:
+:class:`HubUnavailable` (transient: retry with backoff), :class:`HubAuthError` (the site's
+credential is refused: tell a person, re-enroll), :class:`HubRejected` (the hub refused the
+request as malformed: do not resend it unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from edge_agent.errors import PermanentError, TransientError
+from hub_protocol import (
+    Lane,
+    PushBatch,
+    PushReceipt,
+    Receipt,
+    ReceiptStatus,
+)
+
+
+class HubUnavailable(TransientError):
+    """Network error, timeout, 5xx, 408 or 429: try again later."""
+
+
+class HubAuthError(PermanentError):
+    """401/403: the credential is unknown or not allowed to do this."""
+
+
+class HubRejected(PermanentError):
+    """Another 4xx: the request itself is wrong; ``status`` and the hub's message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"hub refused the request ({status}): {message}")
+        self.status = status
+
+
+class HubClient(Protocol):
+    site_id: str
+
+    async def push(self, batch: PushBatch) -> PushReceipt: ...
+
+    async def high_water(self) -> dict[Lane, int]: ...
+
+    async def heartbeat(self, health: dict[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Credential:
+    hub_url: str
+    site_id: str
+    credential: str
+
+    def save(self, path: Path) -> None:
+        """Write with mode 0600, atomically."""
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(
+                {"hub_url": self.hub_url, "site_id": self.site_id, "credential": self.credential},
+                fh,
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Credential:
+        data = json.loads(path.read_text())
+        return cls(data["hub_url"], data["site_id"], data["credential"])
+
+
+async def _raise_for(resp: aiohttp.ClientResponse) -> Any:
+    text = await resp.text()
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = {}
+    if resp.status < 300:
+        return body
+    message = body.get("error", {}).get("message", text[:200]) if isinstance(body, dict) else ""
+    if resp.status in (401, 403):
+        raise HubAuthError(f"hub says {resp.status}: {message}")
+    if resp.status in (408, 409, 429) or resp.status >= 500:
+        raise HubUnavailable(f"hub says {resp.status}: {message}")
+    raise HubRejected(resp.status, message)
+
+
+async def enroll(hub_url: str, token: str, *, timeout_s: float = 30.0) -> Credential:
+    """Trade a one-time enrollment token for this site's credential."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s,
+            s.post(f"{hub_url.rstrip('/')}/v1/enroll", json={"token": token}) as r,
+        ):
+            body = await _raise_for(r)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise HubUnavailable(f"cannot reach the hub at {hub_url}: {exc}") from exc
+    return Credential(hub_url.rstrip("/"), body["site_id"], body["credential"])
+
+
+class HttpHubClient:
+    """The real client (JSON over HTTP(S) under /v1)."""
+
+    def __init__(self, cred: Credential, *, timeout_s: float = 30.0) -> None:
+        self.site_id = cred.site_id
+        self._base = cred.hub_url
+        self._headers = {"Authorization": f"Bearer {cred.credential}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _s(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return self._session
+
+    async def _call(self, method: str, path: str, data: bytes | None = None) -> Any:
+        try:
+            async with self._s().request(
+                method,
+                self._base + path,
+                data=data,
+                headers={"Content-Type": "application/json"} if data is not None else None,
+            ) as r:
+                return await _raise_for(r)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise HubUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+
+    async def push(self, batch: PushBatch) -> PushReceipt:
+        return PushReceipt.from_json(await self._call("POST", "/v1/push", batch.encode()))
+
+    async def high_water(self) -> dict[Lane, int]:
+        body = await self._call("GET", "/v1/high-water")
+        return {Lane(k): int(v) for k, v in body["high_water"].items()}
+
+    async def heartbeat(self, health: dict[str, Any]) -> None:
+        await self._call("POST", "/v1/heartbeat", json.dumps(health).encode())
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class FakeHubClient:
+    """In memory, with the hub's semantics (at most once per key and lane seq, gap-free
+    high-water). ``fail_next`` makes the next calls raise HubUnavailable."""
+
+    def __init__(self, site_id: str = "site-fake") -> None:
+        self.site_id = site_id
+        self.records: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        self.held: dict[Lane, set[int]] = {lane: set() for lane in Lane}
+        self.heartbeats: list[dict[str, Any]] = []
+        self.fail_next = 0
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise HubUnavailable("fake hub is down")
+
+    def _hw(self) -> dict[Lane, int]:
+        out = {}
+        for lane, seqs in self.held.items():
+            hw = 0
+            while hw + 1 in seqs:
+                hw += 1
+            if hw:
+                out[lane] = hw
+        return out
+
+    async def push(self, batch: PushBatch) -> PushReceipt:
+        self._maybe_fail()
+        receipts = []
+        for r in batch.records:
+            if r.seq in self.held[r.lane] or r.key in self.records:
+                receipts.append(Receipt(key=r.key, seq=r.seq, status=ReceiptStatus.DUPLICATE))
+                self.held[r.lane].add(r.seq)
+                continue
+            self.records[r.key] = dict(r.payload)
+            self.order.append(r.key)
+            self.held[r.lane].add(r.seq)
+            receipts.append(Receipt(key=r.key, seq=r.seq, status=ReceiptStatus.APPLIED, version=1))
+        return PushReceipt(receipts=tuple(receipts), high_water=self._hw())
+
+    async def high_water(self) -> dict[Lane, int]:
+        self._maybe_fail()
+        return self._hw()
+
+    async def heartbeat(self, health: dict[str, Any]) -> None:
+        self._maybe_fail()
+        self.heartbeats.append(health)
+
+    async def close(self) -> None:
+        return None
