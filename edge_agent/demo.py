@@ -8,6 +8,7 @@ studies to complete, prints what the agent holds, and stops the agent with SIGTE
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from edge_agent.cli import main as cli_main
@@ -56,6 +58,58 @@ def _wait_settled(db: Path, timeout: float = 120.0) -> None:
             return
         time.sleep(0.3)
     print("    (gave up waiting; showing what there is)")
+
+
+def _start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloud_hub",
+                "run",
+                "--database-url",
+                f"sqlite:///{db}",
+                "--port",
+                str(port),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the hub did not start; see {log}")
+
+
+def _hub_result_keys(credential_file: Path) -> list[str]:
+    cred = json.loads(credential_file.read_text())
+    url = f"{cred['hub_url']}/v1/results"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) hub URL: {url}")
+    req = urllib.request.Request(  # noqa: S310 - scheme checked above
+        url, headers={"Authorization": f"Bearer {cred['credential']}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own hub URL
+        return [r["key"] for r in json.loads(resp.read())["results"]]
+
+
+def _wait_synced(db: Path, timeout: float = 60.0) -> None:
+    """Until the outbox has nothing pending (read-only look at the store)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            (n,) = conn.execute("SELECT count(*) FROM outbox WHERE state = 'PENDING'").fetchone()
+        finally:
+            conn.close()
+        if n == 0:
+            return
+        time.sleep(0.3)
 
 
 def _all_sent(db: Path) -> bool:
@@ -155,6 +209,27 @@ def run_demo(workdir: Path) -> int:
         stderr=subprocess.DEVNULL,
     )
 
+    hub_port, hub_db = _free_port(), workdir / "hub.db"
+    hub_url = f"http://127.0.0.1:{hub_port}"
+    _step(f"starting the cloud hub (cloud-hub run, SQLite, {hub_url}) and enrolling this site")
+    hub = _start_hub(hub_db, hub_port, workdir / "hub.log")
+    token = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloud_hub",
+            "sites",
+            "enroll",
+            "Demo hospital",
+            "--database-url",
+            f"sqlite:///{hub_db}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    cli_main(["sync", "enroll", "--hub", hub_url, "--token", token, "--config", str(cfg)])
+
     _step("starting the agent (results go to PACS@127.0.0.1, set by EDGE_RESULTS_DESTINATIONS)")
     log_path = workdir / "agent.log"
     env = dict(os.environ, EDGE_RESULTS_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}")
@@ -249,6 +324,48 @@ def run_demo(workdir: Path) -> int:
             + ", ".join(f"{received.count(k)} x {k}" for k in sorted(set(received)))
         )
 
+        _step("results at the hub (GET /v1/results with this site's credential)")
+        _wait_synced(workdir / "data" / "edge.db")
+        keys = _hub_result_keys(workdir / "data" / "sync-credential.json")
+        print(f"    the hub holds {len(keys)} result(s) of this site")
+
+        _step("the WAN goes down: the hub stops; a new MR study arrives meanwhile")
+        hub.terminate()
+        hub.wait(30)
+        mr2 = make_study(
+            samples / "mr2",
+            modality="MR",
+            slices=12,
+            size=64,
+            seed="demo-mr2",
+            patient_id="DEMO-MR-2",
+            patient_name="DEMO^MR^TWO",
+        )
+        r = _tool(
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "EDGE_DEMO",
+            "127.0.0.1",
+            str(port),
+            *map(str, mr2.files),
+        )
+        print(f"    storescu exit {r.returncode}")
+        _wait_settled(workdir / "data" / "edge.db")
+        time.sleep(1.0)
+        cli_main(["sync", "status", "--config", str(cfg)])
+
+        _step("the hub comes back: the backlog drains, nothing lost, nothing twice")
+        hub = _start_hub(hub_db, hub_port, workdir / "hub.log")
+        _wait_synced(workdir / "data" / "edge.db")
+        after = _hub_result_keys(workdir / "data" / "sync-credential.json")
+        print(
+            f"    the hub now holds {len(after)} result(s) ({len(set(after))} distinct), "
+            f"{len(set(after) - set(keys))} new"
+        )
+        cli_main(["sync", "status", "--config", str(cfg)])
+
         _step("a late CT slice arrives after the study completed: the study re-opens")
         late = make_study(
             samples / "ct-late",
@@ -293,5 +410,7 @@ def run_demo(workdir: Path) -> int:
         print(f"    agent exited with {code}")
         pacs.terminate()
         pacs.wait(10)
+        hub.terminate()
+        hub.wait(30)
     print(f"\nDone. Config: {cfg}\nData: {workdir / 'data'}\nAgent log (JSON): {log_path}")
     return 0 if code == 0 else 1

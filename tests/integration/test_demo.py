@@ -31,6 +31,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert results.count("resnet-mini 1.0.0 on CPUExecutionProvider") == 3  # CT, 2 x MR (not NM)
     assert "lesion: 19/40 slices" in results
     assert "PACS received 5 object(s): 1 x SEG, 4 x SR" in out
+    assert "the hub holds 4 result(s) of this site" in out
+    down = out.split("the WAN goes down", 1)[1].split("==>", 1)[0]
+    assert "pending: urgent 0, normal 1, batch 0" in down
+    assert "the hub now holds 5 result(s) (5 distinct), 1 new" in out
     late = out.split("the study re-opens", 1)[1].split("==>", 1)[0]
     assert "RECEIVING" in late and " 41    1 DEMO-CT-1" in late
     assert late.count("(superseded)") == 2 and "lesion: 19/41 slices" in late
