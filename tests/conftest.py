@@ -255,3 +255,35 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             capture_output=True,
             check=False,
         )
+
+
+def start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``cloud-hub run`` on SQLite ``db`` as a child process; waits for /healthz."""
+    import sys
+    import time
+    import urllib.request
+
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloud_hub",
+                "run",
+                "--database-url",
+                f"sqlite:///{db}",
+                "--port",
+                str(port),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "hub did not start"
+            time.sleep(0.1)

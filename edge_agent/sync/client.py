@@ -111,7 +111,10 @@ async def enroll(hub_url: str, token: str, *, timeout_s: float = 30.0) -> Creden
 class HttpHubClient:
     """The real client (JSON over HTTP(S) under /v1)."""
 
-    def __init__(self, cred: Credential, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, cred: Credential, *, timeout_s: float = 30.0, keepalive: bool = True
+    ) -> None:
+        self._keepalive = keepalive
         self.site_id = cred.site_id
         self._base = cred.hub_url
         self._headers = {"Authorization": f"Bearer {cred.credential}"}
@@ -120,7 +123,11 @@ class HttpHubClient:
 
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(force_close=not self._keepalive),
+            )
         return self._session
 
     async def _call(self, method: str, path: str, data: bytes | None = None) -> Any:

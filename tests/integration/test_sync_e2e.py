@@ -7,8 +7,6 @@ import asyncio
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,36 +17,7 @@ from edge_agent.sync import outbox
 from edge_agent.sync.client import HttpHubClient, enroll
 from edge_agent.sync.uplink import Connectivity, Uplink, UplinkSettings
 from hub_protocol import HybridClock, Lane, RecordType
-from tests.conftest import free_port
-
-
-def start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloud_hub",
-                "run",
-                "--database-url",
-                f"sqlite:///{db}",
-                "--port",
-                str(port),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    import urllib.request
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "hub did not start"
-            time.sleep(0.1)
+from tests.conftest import free_port, start_hub
 
 
 def test_backlog_survives_hub_kills_exactly_once_in_lane_order(tmp_path: Path) -> None:
