@@ -244,36 +244,55 @@ class HubStore:
             return self._high_water(conn, site_id)
 
     def push(self, site_id: str, batch: PushBatch, *, now: float | None = None) -> PushReceipt:
-        """Apply a batch for ``site_id`` (at most once per key and per lane seq)."""
+        """Apply a batch for ``site_id`` (at most once per key and per lane seq).
+
+        Set-based: one query for the lane seqs already held, one for the keys that exist,
+        then bulk inserts, so the cost per record stays flat as batches grow.
+        """
         now = time.time() if now is None else now
         out: list[Receipt] = []
         with self.engine.begin() as conn:
             hw = self._high_water(conn, site_id)
+            held: set[tuple[str, int]] = set()
+            for lane in {r.lane for r in batch.records}:
+                lane_recs = [r.seq for r in batch.records if r.lane is lane]
+                held.update(
+                    (lane.value, int(s))
+                    for s in conn.execute(
+                        sa.select(lane_seqs.c.seq).where(
+                            lane_seqs.c.site_id == site_id,
+                            lane_seqs.c.lane == lane.value,
+                            lane_seqs.c.seq >= min(lane_recs),
+                            lane_seqs.c.seq <= max(lane_recs),
+                        )
+                    ).scalars()
+                )
+            keys = list({r.key for r in batch.records})
+            existing: dict[str, int] = {}
+            for i in range(0, len(keys), 500):
+                existing.update(
+                    (str(k), int(v))
+                    for k, v in conn.execute(
+                        sa.select(records.c.key, records.c.version).where(
+                            records.c.site_id == site_id, records.c.key.in_(keys[i : i + 500])
+                        )
+                    )
+                )
+            inserts: list[dict[str, Any]] = []
+            seq_rows: list[dict[str, Any]] = []
             touched: set[Lane] = set()
             for rec in batch.records:
-                held = conn.execute(
-                    sa.select(lane_seqs.c.status).where(
-                        lane_seqs.c.site_id == site_id,
-                        lane_seqs.c.lane == rec.lane.value,
-                        lane_seqs.c.seq == rec.seq,
-                    )
-                ).first()
-                if held is not None or rec.seq <= hw.get(rec.lane, 0):
+                if (rec.lane.value, rec.seq) in held or rec.seq <= hw.get(rec.lane, 0):
                     out.append(Receipt(key=rec.key, seq=rec.seq, status=ReceiptStatus.DUPLICATE))
                     continue
-                existing = conn.execute(
-                    sa.select(records.c.version).where(
-                        records.c.site_id == site_id, records.c.key == rec.key
-                    )
-                ).first()
-                if existing is not None and rec.type is RecordType.RESULT:
-                    status, version, error = (
-                        ReceiptStatus.REJECTED,
-                        int(existing[0]),
-                        ("results are immutable: a new result supersedes, it never replaces"),
-                    )
-                elif existing is not None:
-                    version = int(existing[0]) + 1
+                body = json.dumps(dict(rec.payload), sort_keys=True)
+                current = existing.get(rec.key)
+                error = ""
+                if current is not None and rec.type is RecordType.RESULT:
+                    status, version = ReceiptStatus.REJECTED, current
+                    error = "results are immutable: a new result supersedes, it never replaces"
+                elif current is not None:
+                    version = current + 1
                     conn.execute(
                         records.update()
                         .where(records.c.site_id == site_id, records.c.key == rec.key)
@@ -283,41 +302,48 @@ class HubStore:
                             seq=rec.seq,
                             hlc=rec.hlc.encode(),
                             version=version,
-                            payload=json.dumps(dict(rec.payload), sort_keys=True),
+                            payload=body,
                             received_at=now,
                         )
                     )
                     status = (
                         ReceiptStatus.APPLIED
-                        if rec.base_version == existing[0]
+                        if rec.base_version == current
                         else ReceiptStatus.CONFLICT
                     )
-                    error = ""
                 else:
-                    version = 1
-                    conn.execute(
-                        records.insert().values(
-                            site_id=site_id,
-                            key=rec.key,
-                            type=rec.type.value,
-                            lane=rec.lane.value,
-                            seq=rec.seq,
-                            hlc=rec.hlc.encode(),
-                            version=1,
-                            payload=json.dumps(dict(rec.payload), sort_keys=True),
-                            received_at=now,
-                        )
+                    version, status = 1, ReceiptStatus.APPLIED
+                    inserts.append(
+                        {
+                            "site_id": site_id,
+                            "key": rec.key,
+                            "type": rec.type.value,
+                            "lane": rec.lane.value,
+                            "seq": rec.seq,
+                            "hlc": rec.hlc.encode(),
+                            "version": 1,
+                            "payload": body,
+                            "received_at": now,
+                        }
                     )
-                    status, error = ReceiptStatus.APPLIED, ""
-                conn.execute(
-                    lane_seqs.insert().values(
-                        site_id=site_id, lane=rec.lane.value, seq=rec.seq, status=status.value
-                    )
+                existing[rec.key] = version
+                held.add((rec.lane.value, rec.seq))
+                seq_rows.append(
+                    {
+                        "site_id": site_id,
+                        "lane": rec.lane.value,
+                        "seq": rec.seq,
+                        "status": status.value,
+                    }
                 )
                 touched.add(rec.lane)
                 out.append(
                     Receipt(key=rec.key, seq=rec.seq, status=status, version=version, error=error)
                 )
+            if inserts:
+                conn.execute(records.insert(), inserts)
+            if seq_rows:
+                conn.execute(lane_seqs.insert(), seq_rows)
             for lane in touched:
                 hw[lane] = self._advance(conn, site_id, lane, hw.get(lane, 0))
             conn.execute(sites.update().where(sites.c.site_id == site_id).values(last_seen_at=now))

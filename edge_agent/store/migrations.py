@@ -231,6 +231,7 @@ MIGRATIONS: Sequence[Migration] = (
             UNIQUE (lane, seq)
         );
         CREATE INDEX outbox_pending ON outbox(state, lane, seq);
+        CREATE INDEX outbox_key ON outbox(key, seq);
 
         CREATE TABLE outbox_lanes (
             lane            TEXT PRIMARY KEY,

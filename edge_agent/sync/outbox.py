@@ -105,29 +105,32 @@ def next_batch(
 def apply_receipt(conn: sqlite3.Connection, receipt: PushReceipt, *, now: float) -> tuple[int, int]:
     """Acknowledge what the hub applied/held, dead-letter what it rejected, and record its
     high-water marks (everything at or below them is held). Returns (acked, dead)."""
-    acked = dead = 0
-    for r in receipt.receipts:
-        lane = None
-        row = conn.execute(
-            "SELECT lane FROM outbox WHERE key = ? AND seq = ? AND state = ?",
-            (r.key, r.seq, PENDING),
-        ).fetchall()
-        if len(row) != 1:
-            continue
-        lane = row[0][0]
-        if r.status is ReceiptStatus.REJECTED:
-            conn.execute(
-                "UPDATE outbox SET state = ?, error = ?, attempts = attempts + 1 "
-                "WHERE lane = ? AND seq = ?",
-                (DEAD, r.error[:1000] or "rejected", lane, r.seq),
-            )
-            dead += 1
-        else:
-            conn.execute(
-                "UPDATE outbox SET state = ?, acked_at = ? WHERE lane = ? AND seq = ?",
-                (ACKED, now, lane, r.seq),
-            )
-            acked += 1
+    ok = [
+        (ACKED, now, r.key, r.seq, PENDING)
+        for r in receipt.receipts
+        if r.status is not ReceiptStatus.REJECTED
+    ]
+    bad = [
+        (DEAD, r.error[:1000] or "rejected", r.key, r.seq, PENDING)
+        for r in receipt.receipts
+        if r.status is ReceiptStatus.REJECTED
+    ]
+    acked = (
+        conn.executemany(
+            "UPDATE outbox SET state = ?, acked_at = ? WHERE key = ? AND seq = ? AND state = ?", ok
+        ).rowcount
+        if ok
+        else 0
+    )
+    dead = (
+        conn.executemany(
+            "UPDATE outbox SET state = ?, error = ?, attempts = attempts + 1 "
+            "WHERE key = ? AND seq = ? AND state = ?",
+            bad,
+        ).rowcount
+        if bad
+        else 0
+    )
     for lane_, hw in receipt.high_water.items():
         cur = conn.execute(
             "UPDATE outbox SET state = ?, acked_at = ? WHERE lane = ? AND seq <= ? AND state = ?",
