@@ -213,6 +213,8 @@ class SyncConfig:
     ``edge-agent sync enroll`` (relative = inside ``storage.data_dir``); without it the agent
     does not sync. Batches hold at most ``batch_max_records`` records / ``batch_max_kb`` KiB.
     Failed pushes back off from ``retry_initial_s`` doubling to ``retry_max_s`` (with jitter).
+    ``pseudonymise``: replace ``pseudonymise_fields`` by a keyed pseudonym (HMAC-SHA-256 with
+    the site secret in ``secret_file``, created on first use) before anything leaves the site.
     """
 
     node_id: str = "edge"
@@ -223,6 +225,18 @@ class SyncConfig:
     retry_initial_s: float = 1.0
     retry_max_s: float = 300.0
     heartbeat_interval_s: float = 60.0
+    pseudonymise: bool = True
+    pseudonymise_fields: tuple[str, ...] = (
+        "patient_id",
+        "patient_name",
+        "patient_birth_date",
+        "accession_number",
+    )
+    secret_file: str = "site-secret.key"  # noqa: S105 - a file name, not a secret
+
+    def secret_path(self, data_dir: str) -> Path:
+        p = Path(self.secret_file)
+        return p if p.is_absolute() else Path(data_dir) / p
 
     def credential_path(self, data_dir: str) -> Path:
         p = Path(self.credential_file)
@@ -584,6 +598,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sync.batch_max_kb", "must be 1..65536 KiB")
     if not 0 < sy.retry_initial_s <= sy.retry_max_s <= 3600:
         raise ConfigError("sync.retry_initial_s", "must be > 0 and <= sync.retry_max_s <= 3600")
+    if not sy.secret_file:
+        raise ConfigError("sync.secret_file", "must not be empty")
     if not 1 <= sy.heartbeat_interval_s <= 86400:
         raise ConfigError("sync.heartbeat_interval_s", "must be 1..86400 s")
 

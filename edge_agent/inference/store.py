@@ -12,6 +12,7 @@ from edge_agent.results.models import Result, result_payload
 from edge_agent.results.store import insert_result
 from edge_agent.studies.models import StudyState, check_transition
 from edge_agent.sync.outbox import enqueue
+from edge_agent.sync.phi import Pseudonymiser
 from edge_agent.sync.state import save_hlc
 from hub_protocol import HLC, Lane, RecordType
 
@@ -165,6 +166,7 @@ def finish_job(
     destinations: Sequence[Destination] = (),
     hlc: HLC | None = None,
     max_outbox_bytes: int | None = None,
+    phi: Pseudonymiser | None = None,
 ) -> None:
     """Store the result (superseding the previous one), its DICOM objects and their queued
     sends, its outbox record for the hub (when ``hlc`` is given), and close the job: all in
@@ -179,7 +181,7 @@ def finish_job(
             key=f"result/{result.result_id}",
             type=RecordType.RESULT,
             lane=Lane.URGENT if result.critical else Lane.NORMAL,
-            payload=result_payload(result),
+            payload=_hub_payload(conn, result, phi),
             hlc=hlc,
             now=now,
             max_pending_bytes=max_outbox_bytes,
@@ -191,6 +193,27 @@ def finish_job(
         (JobState.DONE.value, now, result.result_id, job.id, JobState.RUNNING.value),
     )
     _maybe_finish_study(conn, job, now)
+
+
+def _hub_payload(
+    conn: sqlite3.Connection, result: Result, phi: Pseudonymiser | None
+) -> dict[str, object]:
+    """The result plus its study's patient context, pseudonymised when configured."""
+    payload: dict[str, object] = result_payload(result)
+    row = conn.execute(
+        "SELECT patient_id, patient_name, accession_number, modality, "
+        "study_date FROM studies WHERE study_uid = ?",
+        (result.study_uid,),
+    ).fetchone()
+    if row is not None:
+        payload["study"] = {
+            "patient_id": row[0],
+            "patient_name": row[1],
+            "accession_number": row[2],
+            "modality": row[3],
+            "study_date": row[4],
+        }
+    return phi.apply(payload) if phi is not None else payload
 
 
 def fail_job(

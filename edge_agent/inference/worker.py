@@ -47,6 +47,7 @@ from edge_agent.results.dicom import make_seg, make_sr
 from edge_agent.results.forward import ResultObject, write_object
 from edge_agent.results.models import Result, uuid7
 from edge_agent.store import Store
+from edge_agent.sync.phi import Pseudonymiser, load_or_create_key
 from hub_protocol import HybridClock
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,14 @@ class InferenceWorker:
     ) -> None:
         self._hlc = hlc
         self.on_result: Callable[[], None] | None = None  # e.g. wake the uplink
+        self.phi = (
+            Pseudonymiser(
+                load_or_create_key(cfg.sync.secret_path(cfg.storage.data_dir)),
+                cfg.sync.pseudonymise_fields,
+            )
+            if cfg.sync.pseudonymise
+            else None
+        )
         self._cfg = cfg
         self._inf = cfg.inference
         self._store = store
@@ -323,6 +332,7 @@ class InferenceWorker:
                 destinations=self._cfg.results.destinations,
                 hlc=self._hlc.now() if self._hlc is not None else None,
                 max_outbox_bytes=self._cfg.sync.outbox_max_mb * 2**20,
+                phi=self.phi,
             )
         )
 

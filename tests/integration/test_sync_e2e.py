@@ -4,11 +4,15 @@ while the edge keeps producing; every record arrives exactly once, lanes in orde
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from cloud_hub.db import HubStore, connect
 from edge_agent.clock import SystemClock
@@ -115,3 +119,60 @@ def test_backlog_survives_hub_kills_exactly_once_in_lane_order(tmp_path: Path) -
         assert per_lane[lane] == list(range(1, n + 1))  # no gaps, no extras
     assert statuses == {"applied"}
     assert health == '{"ok": true}'
+
+
+@pytest.mark.dcmtk
+def test_phi_never_reaches_the_hub_in_clear(tmp_path: Path, app_factory: Any, clock: Any) -> None:
+    """A CT study through inference and sync: the hub holds pseudonyms, never the patient's
+    ID, name or accession number; the same patient always gets the same pseudonym."""
+    from edge_agent.inference.reference_models import build_reference_packages
+    from edge_agent.samples import make_study
+    from tests.conftest import make_config, storescu
+
+    hub_db, port = tmp_path / "hub.db", free_port()
+    token = HubStore(connect(f"sqlite:///{hub_db}")).create_enrollment_token("phi")
+    hub = start_hub(hub_db, port, tmp_path / "hub.log")
+    try:
+        app = app_factory(make_config(tmp_path))
+        for pkg in build_reference_packages(tmp_path / "models"):
+            app.registry.install(pkg)
+        studies = [
+            make_study(
+                tmp_path / f"ct{i}",
+                modality="CT",
+                slices=2,
+                size=64,
+                seed=f"phi-{i}",
+                patient_id="MRN-0042",
+                patient_name="Doe^Jane",
+            )
+            for i in range(2)
+        ]
+        for s in studies:
+            assert storescu(app.listener.port, *s.files).returncode == 0
+        clock.advance(11)
+        app.assembly.tick()
+        app.inference.drain()
+
+        async def push() -> None:
+            cred = await enroll(f"http://127.0.0.1:{port}", token)
+            up = Uplink(HttpHubClient(cred), store=app.store, clock=SystemClock())
+            await up.drain()
+            await up._client.close()
+
+        asyncio.run(push())
+    finally:
+        hub.terminate()
+        hub.wait(10)
+    conn = sqlite3.connect(hub_db)
+    try:
+        payloads = [r[0] for r in conn.execute("SELECT payload FROM records")]
+    finally:
+        conn.close()
+    assert len(payloads) == 4  # 2 studies x 2 models
+    blob = "\n".join(payloads)
+    for clear in ("MRN-0042", "Doe^Jane", "Doe", "ACCphi-"):
+        assert clear not in blob
+    pseudonyms = {json.loads(p)["study"]["patient_id"] for p in payloads}
+    assert len(pseudonyms) == 1 and next(iter(pseudonyms)).startswith("pseudo:")
+    assert all(json.loads(p)["study"]["modality"] == "CT" for p in payloads)  # not PHI: kept

@@ -305,3 +305,28 @@ def test_conflict_detection_and_unknown_type() -> None:
     edge, cloud = _pair(HLC(1, 0, "e"), HLC(2, 0, "c"), {}, {})
     with pytest.raises(KeyError):
         resolve("weather", edge, cloud)
+
+
+def test_pseudonymiser(tmp_path: Path) -> None:
+    import stat
+
+    from edge_agent.sync.phi import Pseudonymiser, load_or_create_key
+
+    key_path = tmp_path / "site-secret.key"
+    key = load_or_create_key(key_path)
+    assert load_or_create_key(key_path) == key and len(key) == 32
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    p = Pseudonymiser(key)
+    other = Pseudonymiser(b"k" * 32)
+    payload = {
+        "study": {"patient_id": "MRN-1", "patient_name": "", "modality": "CT"},
+        "items": [{"accession_number": "A1"}],
+        "patient_id": "MRN-1",
+    }
+    out = p.apply(payload)
+    assert out["study"]["patient_id"] == out["patient_id"] == p.pseudonym("MRN-1")
+    assert out["study"]["patient_name"] == ""  # empty stays empty
+    assert out["study"]["modality"] == "CT"
+    assert out["items"][0]["accession_number"].startswith("pseudo:")
+    assert other.pseudonym("MRN-1") != p.pseudonym("MRN-1")  # per-site keys
+    assert payload["patient_id"] == "MRN-1"  # the input is not modified
