@@ -11,6 +11,8 @@ path                         method  what
 /v1/changes?cursor=N         GET     this site's change feed after a cursor
 /v1/heartbeat                POST    health summary
 /v1/results?study_uid=U      GET     this site's results
+/v1/conflicts                GET     this site's open manual-review conflicts
+/v1/conflicts/ID/resolve     POST    {"take": "edge"|"cloud", "by": name}: logged, fed back
 /v1/fleet                    GET     every site's last heartbeat (ops token)
 /healthz                     GET     process alive
 ===========================  ======  ======================================================
@@ -151,6 +153,30 @@ async def results(request: web.Request) -> web.Response:
     return web.json_response({"results": rows})
 
 
+async def list_conflicts(request: web.Request) -> web.Response:
+    rows = await asyncio.to_thread(request.app[STORE].conflicts, request[SITE])
+    return web.json_response({"conflicts": rows})
+
+
+async def resolve_conflict(request: web.Request) -> web.Response:
+    body = await _json(request)
+    if not isinstance(body, dict) or body.get("take") not in ("edge", "cloud"):
+        raise ProtocolError('body must be {"take": "edge" | "cloud", "by": NAME}')
+    by = str(body.get("by") or request[SITE])[:200]
+    try:
+        conflict_id = int(request.match_info["conflict_id"])
+        version = await asyncio.to_thread(
+            request.app[STORE].resolve_conflict,
+            request[SITE],
+            conflict_id,
+            take=body["take"],
+            by=by,
+        )
+    except (KeyError, ValueError) as exc:
+        return error(404, "not_found", str(exc).strip("'\""))
+    return web.json_response({"version": version})
+
+
 async def fleet(request: web.Request) -> web.Response:
     ops = request.app[CONFIG].ops_token
     if not ops or not hmac.compare_digest(_bearer(request), ops):
@@ -184,6 +210,8 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app.router.add_get("/v1/changes", changes)
     app.router.add_post("/v1/heartbeat", heartbeat)
     app.router.add_get("/v1/results", results)
+    app.router.add_get("/v1/conflicts", list_conflicts)
+    app.router.add_post("/v1/conflicts/{conflict_id}/resolve", resolve_conflict)
     app.router.add_get("/v1/fleet", fleet)
     app.router.add_get("/healthz", healthz)
     return app

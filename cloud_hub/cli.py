@@ -62,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_cmd_list)
+    conf = sub.add_parser("conflicts", help="the manual-review queue")
+    csub = conf.add_subparsers(title="conflicts commands", metavar="ACTION")
+    cl = csub.add_parser("list", help="open conflicts, both versions")
+    _db_arg(cl)
+    cl.add_argument("--site")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=_cmd_conflicts_list)
+    cr = csub.add_parser("resolve", help="keep the edge or the cloud version")
+    _db_arg(cr)
+    cr.add_argument("conflict_id", type=int)
+    cr.add_argument("--take", choices=["edge", "cloud"], required=True)
+    cr.add_argument("--by", default=os.environ.get("USER", "ops"), help="who decides (logged)")
+    cr.set_defaults(func=_cmd_conflicts_resolve)
     return p
 
 
@@ -131,4 +144,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
             else "never"
         )
         print(f"{r['site_id']:<22} {r['name']:<30} last seen {seen}")
+    return EXIT_OK
+
+
+def _cmd_conflicts_list(args: argparse.Namespace) -> int:
+    rows = _store(args.database_url).conflicts(args.site)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no open conflicts")
+    for r in rows:
+        print(f"#{r['id']} {r['site_id']} {r['key']} ({r['type']})")
+        print(f"    edge  {r['edge_hlc']}: {r['edge_payload']}")
+        print(f"    cloud {r['cloud_hlc']}: {r['cloud_payload']}")
+    return EXIT_OK
+
+
+def _cmd_conflicts_resolve(args: argparse.Namespace) -> int:
+    version = _store(args.database_url).resolve_conflict(
+        None, args.conflict_id, take=args.take, by=args.by
+    )
+    print(
+        f"conflict #{args.conflict_id} resolved ({args.take} version kept by {args.by}); "
+        f"record now at version {version}; the site gets it through its change feed"
+    )
     return EXIT_OK

@@ -21,13 +21,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from hub_protocol import (
+    HLC,
     Lane,
     PushBatch,
     PushReceipt,
     Receipt,
     ReceiptStatus,
+    Record,
     RecordType,
 )
+from hub_protocol.conflicts import DEFAULT_RULES, Outcome, Rule, Version, resolve
 
 metadata = sa.MetaData()
 
@@ -102,9 +105,47 @@ changes = sa.Table(  # the change feed a site pulls (cloud-side edits, assignmen
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+conflict_queue = sa.Table(  # manual review: both versions kept until a person decides
+    "conflicts",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("site_id", sa.String(64), nullable=False, index=True),
+    sa.Column("key", sa.String(200), nullable=False),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("edge_payload", sa.Text, nullable=False),
+    sa.Column("edge_hlc", sa.String(100), nullable=False),
+    sa.Column("cloud_payload", sa.Text, nullable=False),
+    sa.Column("cloud_hlc", sa.String(100), nullable=False),
+    sa.Column("cloud_version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("resolved_at", sa.Float),
+    sa.Column("resolution", sa.String(10)),
+    sa.Column("resolved_by", sa.String(200)),
+)
+
 MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
     ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
+    ("0002_conflicts", (conflict_queue,)),
 )
+
+#: Record types -> the data type whose conflict rule applies.
+DATA_TYPE = {
+    RecordType.RESULT: "ai_results",
+    RecordType.REVIEW: "review",
+    RecordType.PATIENT_DATA: "patient_data",
+    RecordType.STUDY_METADATA: "study_metadata",
+    RecordType.USER_PREFERENCES: "user_preferences",
+    RecordType.SYSTEM_CONFIG: "system_config",
+    RecordType.HEARTBEAT: "operational",
+    RecordType.TOMBSTONE: "operational",
+    RecordType.CONFLICT_RESOLUTION: "operational",
+}
+HUB_RULES = {**DEFAULT_RULES, "operational": Rule.EDGE_WINS}
 
 
 def _sha(text: str) -> str:
@@ -143,8 +184,9 @@ class Enrolled:
 class HubStore:
     """All the hub's reads and writes, each scoped to one site."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, rules: dict[str, Rule] | None = None) -> None:
         self.engine = engine
+        self.rules = rules or HUB_RULES
 
     # -- enrollment and auth -----------------------------------------------------------------
 
@@ -292,25 +334,7 @@ class HubStore:
                     status, version = ReceiptStatus.REJECTED, current
                     error = "results are immutable: a new result supersedes, it never replaces"
                 elif current is not None:
-                    version = current + 1
-                    conn.execute(
-                        records.update()
-                        .where(records.c.site_id == site_id, records.c.key == rec.key)
-                        .values(
-                            type=rec.type.value,
-                            lane=rec.lane.value,
-                            seq=rec.seq,
-                            hlc=rec.hlc.encode(),
-                            version=version,
-                            payload=body,
-                            received_at=now,
-                        )
-                    )
-                    status = (
-                        ReceiptStatus.APPLIED
-                        if rec.base_version == current
-                        else ReceiptStatus.CONFLICT
-                    )
+                    status, version, error = self._update(conn, site_id, rec, current, now)
                 else:
                     version, status = 1, ReceiptStatus.APPLIED
                     inserts.append(
@@ -348,6 +372,153 @@ class HubStore:
                 hw[lane] = self._advance(conn, site_id, lane, hw.get(lane, 0))
             conn.execute(sites.update().where(sites.c.site_id == site_id).values(last_seen_at=now))
         return PushReceipt(receipts=tuple(out), high_water=hw)
+
+    def _update(
+        self, conn: Connection, site_id: str, rec: Record, current: int, now: float
+    ) -> tuple[ReceiptStatus, int, str]:
+        """A change to an existing record: applied when based on the current version, else
+        resolved by the conflict rule of its data type (manual review keeps both)."""
+        row = conn.execute(
+            sa.select(records.c.payload, records.c.hlc).where(
+                records.c.site_id == site_id, records.c.key == rec.key
+            )
+        ).one()
+
+        def write(payload: dict[str, Any], hlc: str) -> int:
+            conn.execute(
+                records.update()
+                .where(records.c.site_id == site_id, records.c.key == rec.key)
+                .values(
+                    type=rec.type.value,
+                    lane=rec.lane.value,
+                    seq=rec.seq,
+                    hlc=hlc,
+                    version=current + 1,
+                    payload=json.dumps(payload, sort_keys=True),
+                    received_at=now,
+                )
+            )
+            return current + 1
+
+        if rec.base_version == current:
+            return ReceiptStatus.APPLIED, write(dict(rec.payload), rec.hlc.encode()), ""
+        cloud_hlc = HLC.decode(row.hlc)
+        edge = Version(origin="edge", hlc=rec.hlc, fields=dict(rec.payload))
+        cloud = Version(origin="cloud", hlc=cloud_hlc, fields=json.loads(row.payload))
+        res = resolve(DATA_TYPE[rec.type], edge, cloud, self.rules)
+        if res.outcome is Outcome.MANUAL:
+            cid = conn.execute(
+                conflict_queue.insert().values(
+                    site_id=site_id,
+                    key=rec.key,
+                    type=rec.type.value,
+                    edge_payload=json.dumps(dict(rec.payload), sort_keys=True),
+                    edge_hlc=rec.hlc.encode(),
+                    cloud_payload=row.payload,
+                    cloud_hlc=row.hlc,
+                    cloud_version=current,
+                    created_at=now,
+                )
+            ).inserted_primary_key
+            assert cid is not None
+            return ReceiptStatus.CONFLICT, current, f"kept for manual review (conflict {cid[0]})"
+        version = current
+        if res.outcome is not Outcome.CLOUD and res.value is not None:
+            version = write(dict(res.value), max(rec.hlc, cloud_hlc).encode())
+        if res.value != dict(rec.payload):  # tell the edge what won
+            self._change(
+                conn,
+                site_id,
+                type="record",
+                key=rec.key,
+                version=version,
+                payload={"value": res.value, "reason": res.reason},
+                now=now,
+            )
+        return ReceiptStatus.CONFLICT, version, res.reason
+
+    def conflicts(self, site_id: str | None, *, open_only: bool = True) -> list[dict[str, Any]]:
+        """The manual-review queue (one site's, or all for ops)."""
+        q = sa.select(conflict_queue)
+        if site_id is not None:
+            q = q.where(conflict_queue.c.site_id == site_id)
+        if open_only:
+            q = q.where(conflict_queue.c.resolved_at.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(conflict_queue.c.id)).mappings()]
+
+    def resolve_conflict(
+        self, site_id: str | None, conflict_id: int, *, take: str, by: str, now: float | None = None
+    ) -> int:
+        """Resolve a queued conflict by taking the edge or the cloud version; the decision is
+        logged (who, when) and goes to the site through the change feed. Returns the record's
+        new version. KeyError if unknown/already resolved (or another site's)."""
+        if take not in ("edge", "cloud"):
+            raise ValueError("take must be 'edge' or 'cloud'")
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            q = sa.select(conflict_queue).where(
+                conflict_queue.c.id == conflict_id, conflict_queue.c.resolved_at.is_(None)
+            )
+            if site_id is not None:
+                q = q.where(conflict_queue.c.site_id == site_id)
+            c = conn.execute(q).mappings().first()
+            if c is None:
+                raise KeyError(f"no open conflict {conflict_id}")
+            payload = c["edge_payload"] if take == "edge" else c["cloud_payload"]
+            (current,) = conn.execute(
+                sa.select(records.c.version).where(
+                    records.c.site_id == c["site_id"], records.c.key == c["key"]
+                )
+            ).one()
+            version = int(current) + 1
+            conn.execute(
+                records.update()
+                .where(records.c.site_id == c["site_id"], records.c.key == c["key"])
+                .values(payload=payload, version=version, received_at=now)
+            )
+            conn.execute(
+                conflict_queue.update()
+                .where(conflict_queue.c.id == conflict_id)
+                .values(resolved_at=now, resolution=take, resolved_by=by)
+            )
+            self._change(
+                conn,
+                c["site_id"],
+                type="conflict_resolution",
+                key=c["key"],
+                version=version,
+                payload={
+                    "conflict_id": conflict_id,
+                    "take": take,
+                    "by": by,
+                    "value": json.loads(payload),
+                },
+                now=now,
+            )
+        return version
+
+    def _change(
+        self,
+        conn: Connection,
+        site_id: str,
+        *,
+        type: str,
+        key: str,
+        version: int,
+        payload: dict[str, Any],
+        now: float,
+    ) -> None:
+        conn.execute(
+            changes.insert().values(
+                site_id=site_id,
+                type=type,
+                key=key,
+                version=version,
+                payload=json.dumps(payload, sort_keys=True),
+                created_at=now,
+            )
+        )
 
     def _advance(self, conn: Connection, site_id: str, lane: Lane, hw: int) -> int:
         seqs = [

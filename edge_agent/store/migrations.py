@@ -245,6 +245,19 @@ MIGRATIONS: Sequence[Migration] = (
         );
         """,
     ),
+    Migration(
+        "0005_replica",
+        """
+        CREATE TABLE replica (                         -- cloud-side state pulled from the hub
+            key             TEXT PRIMARY KEY,
+            type            TEXT NOT NULL,
+            version         INTEGER NOT NULL,
+            payload         TEXT NOT NULL,             -- JSON
+            feed_cursor     INTEGER NOT NULL,
+            applied_at      REAL NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -51,6 +51,8 @@ class HubClient(Protocol):
 
     async def heartbeat(self, health: dict[str, Any]) -> None: ...
 
+    async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]: ...
+
     async def close(self) -> None: ...
 
 
@@ -152,6 +154,10 @@ class HttpHubClient:
     async def heartbeat(self, health: dict[str, Any]) -> None:
         await self._call("POST", "/v1/heartbeat", json.dumps(health).encode())
 
+    async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
+        body = await self._call("GET", f"/v1/changes?cursor={int(cursor)}&limit={int(limit)}")
+        return list(body["changes"]), int(body["next_cursor"])
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -167,6 +173,7 @@ class FakeHubClient:
         self.order: list[str] = []
         self.held: dict[Lane, set[int]] = {lane: set() for lane in Lane}
         self.heartbeats: list[dict[str, Any]] = []
+        self.feed: list[dict[str, Any]] = []  # tests append cloud-side changes here
         self.fail_next = 0
 
     def _maybe_fail(self) -> None:
@@ -205,6 +212,11 @@ class FakeHubClient:
     async def heartbeat(self, health: dict[str, Any]) -> None:
         self._maybe_fail()
         self.heartbeats.append(health)
+
+    async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
+        self._maybe_fail()
+        out = [c for c in self.feed if c["cursor"] > cursor][:limit]
+        return out, (out[-1]["cursor"] if out else cursor)
 
     async def close(self) -> None:
         return None

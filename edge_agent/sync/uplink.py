@@ -1,18 +1,20 @@
 """The uplink: drains the outbox to the hub, lane by lane, and survives any network.
 
 Loop: take a batch (urgent first) -> push -> apply the receipt in one transaction -> again at
-once while there is more; when empty, wait for a wake-up (new outbox rows) or the heartbeat
-timer. After any error the position is not trusted: the next successful contact first asks
-the hub for its high-water marks and acknowledges what it already holds (a response lost in
-flight never causes a duplicate, and never a loss). Failures back off exponentially with
-jitter (tenacity's wait strategy), capped. Connectivity is reported as online, degraded (a
-failure or two) or offline.
+once while there is more; then pull the hub's change feed (cloud-side edits, conflict
+resolutions) into the local replica, cursor advanced in the same transaction; then wait for
+a wake-up (new outbox rows) or the heartbeat timer. After any error the position is not
+trusted: the next successful contact first asks the hub for its high-water marks and
+acknowledges what it already holds (a response lost in flight never causes a duplicate, and
+never a loss). Failures back off exponentially with jitter (tenacity's wait strategy),
+capped. Connectivity is reported as online, degraded (a failure or two) or offline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -175,6 +177,50 @@ class Uplink:
         )
         return int(acked) + int(dead)
 
+    async def pull_once(self, limit: int = 500) -> int:
+        """Apply the next page of the hub's change feed, and advance the cursor in the same
+        transaction (a crash in between re-applies the page, which is idempotent)."""
+        with self._store.read() as conn:
+            row = conn.execute("SELECT value FROM sync_state WHERE name = 'feed_cursor'").fetchone()
+        cursor = int(row[0]) if row else 0
+        page, next_cursor = await self._client.changes(cursor, limit)
+        if not page:
+            return 0
+        now = self._clock.now()
+
+        def apply(conn: Any) -> None:
+            for c in page:
+                value = c["payload"].get("value", c["payload"])
+                conn.execute(
+                    "INSERT INTO replica (key, type, version, payload, feed_cursor, applied_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "type = excluded.type, version = excluded.version, "
+                    "payload = excluded.payload, feed_cursor = excluded.feed_cursor, "
+                    "applied_at = excluded.applied_at WHERE excluded.version >= replica.version",
+                    (
+                        c["key"],
+                        c["type"],
+                        int(c["version"]),
+                        json.dumps(value, sort_keys=True),
+                        int(c["cursor"]),
+                        now,
+                    ),
+                )
+            conn.execute(
+                "INSERT INTO sync_state (name, value) VALUES ('feed_cursor', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (str(next_cursor),),
+            )
+
+        await asyncio.to_thread(self._store.writer.call, apply)
+        return len(page)
+
+    async def pull(self) -> int:
+        total = 0
+        while n := await self.pull_once():
+            total += n
+        return total
+
     async def drain(self) -> int:
         """Push until the outbox is empty; returns rows settled. Raises on failure."""
         total = 0
@@ -192,6 +238,7 @@ class Uplink:
             failed = False
             try:
                 await self.drain()
+                await self.pull()
                 if self._clock.now() >= next_heartbeat and health is not None:
                     await self._client.heartbeat(health())
                     next_heartbeat = self._clock.now() + self.settings.heartbeat_interval_s

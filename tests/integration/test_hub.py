@@ -173,3 +173,106 @@ def test_any_interleaving_of_resends_applies_each_record_once(
             assert got["high_water"].get("normal", 0) == hw
 
     run(go)
+
+
+def _push(site: str, *recs: Record) -> bytes:
+    return PushBatch(protocol=1, site_id=site, records=recs).encode()
+
+
+def mutable(
+    key: str, seq: int, rtype: RecordType, base: int, hlc_ms: int, payload: dict[str, Any]
+) -> Record:
+    return Record(
+        key=key,
+        seq=seq,
+        type=rtype,
+        lane=Lane.NORMAL,
+        hlc=HLC(hlc_ms, 0, "edge"),
+        base_version=base,
+        payload=payload,
+    )
+
+
+def test_conflict_rules_at_the_hub_and_the_manual_review_queue(
+    hub_url: str, tmp_path: Path
+) -> None:
+    from edge_agent.clock import FakeClock
+    from edge_agent.store import Store
+    from edge_agent.sync.client import Credential, HttpHubClient
+    from edge_agent.sync.uplink import Uplink
+
+    async def go() -> None:
+        async with hub(hub_url) as (client, store):
+            site, auth = await enrolled(client, store, "A")
+            _, auth_b = await enrolled(client, store, "B")
+            r = RecordType
+
+            async def push(*recs: Record) -> list[dict[str, Any]]:
+                resp = await client.post("/v1/push", data=_push(site, *recs), headers=auth)
+                return list((await resp.json())["receipts"])
+
+            # a review edited on both sides -> kept for manual review, nothing lost
+            assert (await push(mutable("review/s1", 1, r.REVIEW, 0, 10, {"verdict": "accept"})))[0][
+                "status"
+            ] == "applied"
+            rec2 = mutable("review/s1", 2, r.REVIEW, 0, 20, {"verdict": "reject"})
+            (rc,) = await push(rec2)
+            assert rc["status"] == "conflict" and "manual review" in rc["error"]
+            queue = (await (await client.get("/v1/conflicts", headers=auth)).json())["conflicts"]
+            assert len(queue) == 1
+            assert json.loads(queue[0]["edge_payload"]) == {"verdict": "reject"}
+            assert json.loads(queue[0]["cloud_payload"]) == {"verdict": "accept"}
+            cid = queue[0]["id"]
+            other = await client.post(
+                f"/v1/conflicts/{cid}/resolve", headers=auth_b, json={"take": "edge"}
+            )
+            assert other.status == 404  # site B cannot touch site A's queue
+            ok = await client.post(
+                f"/v1/conflicts/{cid}/resolve",
+                headers=auth,
+                json={"take": "edge", "by": "dr.smith"},
+            )
+            assert ok.status == 200 and (await ok.json())["version"] == 2
+            assert (await (await client.get("/v1/conflicts", headers=auth)).json()) == {
+                "conflicts": []
+            }
+            # study metadata: the later HLC wins; an older edge edit loses and is told so
+            await push(mutable("study_metadata/x", 3, r.STUDY_METADATA, 0, 100, {"d": "new"}))
+            (rc,) = await push(
+                mutable("study_metadata/x", 4, r.STUDY_METADATA, 0, 50, {"d": "old"})
+            )
+            assert rc["status"] == "conflict" and "cloud" in rc["error"]
+            # system config: fields merged
+            await push(mutable("system_config/c", 5, r.SYSTEM_CONFIG, 0, 10, {"a": 1, "b": 1}))
+            (rc,) = await push(
+                mutable("system_config/c", 6, r.SYSTEM_CONFIG, 0, 20, {"b": 2, "c": 3})
+            )
+            assert rc["status"] == "conflict" and rc["version"] == 2
+            feed = await (await client.get("/v1/changes?cursor=0", headers=auth)).json()
+            kinds = [(c["type"], c["key"]) for c in feed["changes"]]
+            assert ("conflict_resolution", "review/s1") in kinds
+            assert ("record", "study_metadata/x") in kinds
+            assert ("record", "system_config/c") in kinds
+            merged = next(c for c in feed["changes"] if c["key"] == "system_config/c")
+            assert merged["payload"]["value"] == {"a": 1, "b": 2, "c": 3}
+            # the edge pulls the feed into its replica; cursor advanced, pull idempotent
+            cred = Credential(
+                str(client.make_url("")).rstrip("/"), site, auth["Authorization"].split(" ", 1)[1]
+            )
+            edge = Store(tmp_path / "edge.db")
+            try:
+                up = Uplink(HttpHubClient(cred), store=edge, clock=FakeClock())
+                assert await up.pull() == 3
+                assert await up.pull() == 0
+                await up._client.close()
+                rows = {
+                    r2["key"]: json.loads(r2["payload"])
+                    for r2 in edge.query("SELECT key, payload FROM replica")
+                }
+            finally:
+                edge.close()
+            assert rows["review/s1"] == {"verdict": "reject"}
+            assert rows["study_metadata/x"] == {"d": "new"}
+            assert rows["system_config/c"] == {"a": 1, "b": 2, "c": 3}
+
+    run(go)

@@ -145,3 +145,36 @@ def test_run_loop_goes_offline_then_online_and_heartbeats(store: Store) -> None:
     assert "offline" in states and states[-1] == "online"
     assert len(hub.records) == 3 and hub.heartbeats == [{"ok": True}]
     assert HLC(0, 0, "x")  # keep the import honest
+
+
+def test_pull_applies_the_feed_once_and_never_goes_back_a_version(store: Store) -> None:
+    hub = FakeHubClient()
+    hub.feed = [
+        {
+            "cursor": 1,
+            "type": "record",
+            "key": "system_config/c",
+            "version": 3,
+            "payload": {"value": {"a": 3}},
+        },
+        {
+            "cursor": 2,
+            "type": "record",
+            "key": "system_config/c",
+            "version": 2,
+            "payload": {"value": {"a": 2}},
+        },  # an older version arriving late
+        {
+            "cursor": 5,
+            "type": "conflict_resolution",
+            "key": "review/r",
+            "version": 4,
+            "payload": {"take": "cloud", "value": {"verdict": "accept"}},
+        },
+    ]
+    up = Uplink(hub, store=store, clock=FakeClock())
+    assert asyncio.run(up.pull()) == 3
+    assert asyncio.run(up.pull()) == 0
+    rows = {r["key"]: (r["version"], r["payload"]) for r in store.query("SELECT * FROM replica")}
+    assert rows == {"system_config/c": (3, '{"a": 3}'), "review/r": (4, '{"verdict": "accept"}')}
+    assert store.query("SELECT value FROM sync_state WHERE name = 'feed_cursor'")[0][0] == "5"
