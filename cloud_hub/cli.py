@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(run)
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8443)
+    run.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
+    run.add_argument("--tls-key", help="PEM private key for --tls-cert")
     run.set_defaults(func=_cmd_run)
     sites = sub.add_parser("sites", help="enroll and list sites")
     ssub = sites.add_subparsers(title="sites commands", metavar="ACTION")
@@ -62,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_cmd_list)
+    rec = sub.add_parser("records", help="cloud-side edits sent to a site")
+    rsub = rec.add_subparsers(title="records commands", metavar="ACTION")
+    rs = rsub.add_parser("set", help="set a record of a site (goes down its change feed)")
+    _db_arg(rs)
+    rs.add_argument("site_id")
+    rs.add_argument("key", help="e.g. system_config/thresholds")
+    rs.add_argument("type", help="record type, e.g. system_config")
+    rs.add_argument("json", help="the new value, a JSON object")
+    rs.set_defaults(func=_cmd_records_set)
+
     conf = sub.add_parser("conflicts", help="the manual-review queue")
     csub = conf.add_subparsers(title="conflicts commands", metavar="ACTION")
     cl = csub.add_parser("list", help="open conflicts, both versions")
@@ -113,7 +125,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         port=args.port,
         ops_token=os.environ.get("HUB_OPS_TOKEN", ""),
     )
-    web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, print=None)
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        import ssl
+
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, print=None, ssl_context=ssl_context)
     return EXIT_OK
 
 
@@ -169,4 +190,17 @@ def _cmd_conflicts_resolve(args: argparse.Namespace) -> int:
         f"conflict #{args.conflict_id} resolved ({args.take} version kept by {args.by}); "
         f"record now at version {version}; the site gets it through its change feed"
     )
+    return EXIT_OK
+
+
+def _cmd_records_set(args: argparse.Namespace) -> int:
+    from hub_protocol import RecordType
+
+    value = json.loads(args.json)
+    if not isinstance(value, dict):
+        raise ValueError("the value must be a JSON object")
+    version = _store(args.database_url).cloud_edit(
+        args.site_id, key=args.key, type=RecordType(args.type), payload=value
+    )
+    print(f"{args.key} of {args.site_id} is now version {version}; the site pulls it next")
     return EXIT_OK

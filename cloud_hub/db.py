@@ -437,6 +437,64 @@ class HubStore:
             )
         return ReceiptStatus.CONFLICT, version, res.reason
 
+    def cloud_edit(
+        self,
+        site_id: str,
+        *,
+        key: str,
+        type: RecordType,
+        payload: dict[str, Any],
+        now: float | None = None,
+    ) -> int:
+        """A change made at the hub (ops, a cloud service) to one site's record: stored as the
+        next version and sent to the site through its change feed. Returns the version."""
+        now = time.time() if now is None else now
+        body = json.dumps(payload, sort_keys=True)
+        hlc = HLC(int(now * 1000), 0, "hub").encode()
+        with self.engine.begin() as conn:
+            if (
+                conn.execute(sa.select(sites.c.site_id).where(sites.c.site_id == site_id)).first()
+                is None
+            ):
+                raise KeyError(f"no site {site_id}")
+            row = conn.execute(
+                sa.select(records.c.version).where(
+                    records.c.site_id == site_id, records.c.key == key
+                )
+            ).first()
+            if row is None:
+                version = 1
+                conn.execute(
+                    records.insert().values(
+                        site_id=site_id,
+                        key=key,
+                        type=type.value,
+                        lane=Lane.BATCH.value,
+                        seq=0,
+                        hlc=hlc,
+                        version=1,
+                        payload=body,
+                        received_at=now,
+                    )
+                )
+            else:
+                version = int(row[0]) + 1
+                conn.execute(
+                    records.update()
+                    .where(records.c.site_id == site_id, records.c.key == key)
+                    .values(hlc=hlc, version=version, payload=body, received_at=now)
+                )
+            self._change(
+                conn,
+                site_id,
+                type="record",
+                key=key,
+                version=version,
+                payload={"value": payload, "reason": "cloud edit"},
+                now=now,
+            )
+        return version
+
     def conflicts(self, site_id: str | None, *, open_only: bool = True) -> list[dict[str, Any]]:
         """The manual-review queue (one site's, or all for ops)."""
         q = sa.select(conflict_queue)

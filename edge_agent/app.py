@@ -117,7 +117,7 @@ class EdgeApp:
         if cred_path.exists():
             sy = cfg.sync
             self.uplink = Uplink(
-                HttpHubClient(Credential.load(cred_path)),
+                HttpHubClient(Credential.load(cred_path), ca_file=cfg.sync.hub_ca_file),
                 store=self.store,
                 clock=self.clock,
                 settings=UplinkSettings(

@@ -390,7 +390,7 @@ def _cmd_sync_enroll(args: argparse.Namespace) -> int:
     if path.exists():
         print(f"edge-agent: already enrolled ({path}); remove it to enroll again", file=sys.stderr)
         return EXIT_ERROR
-    cred = asyncio.run(enroll(args.hub, args.token))
+    cred = asyncio.run(enroll(args.hub, args.token, ca_file=cfg.sync.hub_ca_file))
     path.parent.mkdir(parents=True, exist_ok=True)
     cred.save(path)
     print(f"enrolled as {cred.site_id} with {cred.hub_url}; credential in {path}")

@@ -213,6 +213,7 @@ class SyncConfig:
     ``edge-agent sync enroll`` (relative = inside ``storage.data_dir``); without it the agent
     does not sync. Batches hold at most ``batch_max_records`` records / ``batch_max_kb`` KiB.
     Failed pushes back off from ``retry_initial_s`` doubling to ``retry_max_s`` (with jitter).
+    ``hub_ca_file``: PEM bundle trusted for the hub's TLS certificate (empty = system trust).
     ``pseudonymise``: replace ``pseudonymise_fields`` by a keyed pseudonym (HMAC-SHA-256 with
     the site secret in ``secret_file``, created on first use) before anything leaves the site.
     """
@@ -233,6 +234,7 @@ class SyncConfig:
         "accession_number",
     )
     secret_file: str = "site-secret.key"  # noqa: S105 - a file name, not a secret
+    hub_ca_file: str = ""
 
     def secret_path(self, data_dir: str) -> Path:
         p = Path(self.secret_file)
@@ -598,6 +600,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sync.batch_max_kb", "must be 1..65536 KiB")
     if not 0 < sy.retry_initial_s <= sy.retry_max_s <= 3600:
         raise ConfigError("sync.retry_initial_s", "must be > 0 and <= sync.retry_max_s <= 3600")
+    if sy.hub_ca_file and not Path(sy.hub_ca_file).is_file():
+        raise ConfigError("sync.hub_ca_file", f"file not found: {sy.hub_ca_file}")
     if not sy.secret_file:
         raise ConfigError("sync.secret_file", "must not be empty")
     if not 1 <= sy.heartbeat_interval_s <= 86400:

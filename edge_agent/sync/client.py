@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,11 +98,20 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> Any:
     raise HubRejected(resp.status, message)
 
 
-async def enroll(hub_url: str, token: str, *, timeout_s: float = 30.0) -> Credential:
+def _ssl_context(ca_file: str) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
+async def enroll(
+    hub_url: str, token: str, *, timeout_s: float = 30.0, ca_file: str = ""
+) -> Credential:
     """Trade a one-time enrollment token for this site's credential."""
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                connector=aiohttp.TCPConnector(ssl=_ssl_context(ca_file)),
+            ) as s,
             s.post(f"{hub_url.rstrip('/')}/v1/enroll", json={"token": token}) as r,
         ):
             body = await _raise_for(r)
@@ -114,9 +124,17 @@ class HttpHubClient:
     """The real client (JSON over HTTP(S) under /v1)."""
 
     def __init__(
-        self, cred: Credential, *, timeout_s: float = 30.0, keepalive: bool = True
+        self,
+        cred: Credential,
+        *,
+        timeout_s: float = 30.0,
+        keepalive: bool = True,
+        ca_file: str = "",
     ) -> None:
+        """``ca_file``: PEM bundle to trust for the hub's TLS certificate (a private CA);
+        empty = the system trust store."""
         self._keepalive = keepalive
+        self._ssl = _ssl_context(ca_file)
         self.site_id = cred.site_id
         self._base = cred.hub_url
         self._headers = {"Authorization": f"Bearer {cred.credential}"}
@@ -128,7 +146,7 @@ class HttpHubClient:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 headers=self._headers,
-                connector=aiohttp.TCPConnector(force_close=not self._keepalive),
+                connector=aiohttp.TCPConnector(force_close=not self._keepalive, ssl=self._ssl),
             )
         return self._session
 

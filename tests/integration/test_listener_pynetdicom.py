@@ -3,7 +3,6 @@ association limits, DICOM TLS. Each bad input gets its status and the server kee
 
 from __future__ import annotations
 
-import datetime
 import gc
 import hashlib
 import io
@@ -14,10 +13,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -25,7 +20,14 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRL
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import TEST_FILES, associations_closed, make_config, split_part10, wait_until
+from tests.conftest import (
+    TEST_FILES,
+    associations_closed,
+    make_config,
+    self_signed,
+    split_part10,
+    wait_until,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -257,37 +259,10 @@ def test_max_associations(app_factory: Any, tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["local limit exceeded"]
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls(app_factory: Any, ct: tuple[bytes, str], tmp_path: Path) -> None:
     from edge_agent.config import TlsConfig
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     app = app_factory(
         make_config(
             tmp_path, dicom={"tls": TlsConfig(enabled=True, cert_file=str(cert), key_file=str(key))}

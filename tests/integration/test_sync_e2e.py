@@ -8,6 +8,8 @@ import json
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -176,3 +178,76 @@ def test_phi_never_reaches_the_hub_in_clear(tmp_path: Path, app_factory: Any, cl
     pseudonyms = {json.loads(p)["study"]["patient_id"] for p in payloads}
     assert len(pseudonyms) == 1 and next(iter(pseudonyms)).startswith("pseudo:")
     assert all(json.loads(p)["study"]["modality"] == "CT" for p in payloads)  # not PHI: kept
+
+
+def test_hub_over_tls_and_a_cloud_edit_reaches_the_site(tmp_path: Path) -> None:
+    import ssl
+    import urllib.request
+
+    from edge_agent.clock import FakeClock
+    from edge_agent.sync.client import HubUnavailable
+    from tests.conftest import self_signed
+
+    cert, key = self_signed(tmp_path)
+    hub_db, port = tmp_path / "hub.db", free_port()
+    hub_store = HubStore(connect(f"sqlite:///{hub_db}"))
+    token = hub_store.create_enrollment_token("tls")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloud_hub",
+            "run",
+            "--database-url",
+            f"sqlite:///{hub_db}",
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ctx = ssl.create_default_context(cafile=str(cert))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{port}/healthz", timeout=1, context=ctx
+            ):
+                break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        with pytest.raises(HubUnavailable, match=r"SSL|certificate"):
+            asyncio.run(enroll(url, token))  # the system trust store does not know our CA
+        cred = asyncio.run(enroll(url, token, ca_file=str(cert)))
+        version = hub_store.cloud_edit(
+            cred.site_id,
+            key="system_config/thresholds",
+            type=RecordType.SYSTEM_CONFIG,
+            payload={"lesion_mm2": 400},
+        )
+        assert version == 1
+        store = Store(tmp_path / "edge.db")
+        try:
+
+            async def pull() -> int:
+                up = Uplink(HttpHubClient(cred, ca_file=str(cert)), store=store, clock=FakeClock())
+                n = await up.pull()
+                await up._client.close()
+                return n
+
+            assert asyncio.run(pull()) == 1
+            (row,) = store.query("SELECT key, version, payload FROM replica")
+            assert tuple(row) == ("system_config/thresholds", 1, '{"lesion_mm2": 400}')
+        finally:
+            store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        hub_store.engine.dispose()
