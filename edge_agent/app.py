@@ -127,6 +127,7 @@ class EdgeApp:
                     retry_max_s=sy.retry_max_s,
                     heartbeat_interval_s=sy.heartbeat_interval_s,
                 ),
+                metrics=self.metrics,
             )
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock

@@ -19,6 +19,10 @@ class Metrics:
     studies_reopened: Counter
     inference_jobs: Counter
     inference_seconds: Histogram
+    sync_connectivity: Gauge
+    outbox_depth: Gauge
+    outbox_oldest_seconds: Gauge
+    outbox_dead: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -26,6 +30,21 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     reg = registry or CollectorRegistry()
     return Metrics(
         registry=reg,
+        sync_connectivity=Gauge(
+            "edge_sync_connectivity",
+            "1 for the current hub connectivity state",
+            ["state"],
+            registry=reg,
+        ),
+        outbox_depth=Gauge(
+            "edge_outbox_depth", "Records waiting for the hub, by lane", ["lane"], registry=reg
+        ),
+        outbox_oldest_seconds=Gauge(
+            "edge_outbox_oldest_unsynced_seconds",
+            "Age of the oldest record not yet at the hub",
+            registry=reg,
+        ),
+        outbox_dead=Gauge("edge_outbox_dead_letters", "Records the hub refused", registry=reg),
         instances=Counter(
             "edge_dicom_instances_total",
             "C-STORE requests by outcome (stored, duplicate, new_version, quarantined, refused)",

@@ -24,6 +24,7 @@ from typing import Any
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from edge_agent.clock import Clock
+from edge_agent.metrics import Metrics
 from edge_agent.store import Store
 from edge_agent.sync import outbox
 from edge_agent.sync.client import HubAuthError, HubClient, HubRejected, HubUnavailable
@@ -56,7 +57,9 @@ class Uplink:
         store: Store,
         clock: Clock,
         settings: UplinkSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._client = client
         self._store = store
         self._clock = clock
@@ -83,8 +86,24 @@ class Uplink:
         state.attempt_number = max(self.failures, 1)
         return float(self._wait(state))
 
+    def _update_metrics(self) -> None:
+        if self._metrics is None:
+            return
+        m = self._metrics
+        for state in Connectivity:
+            m.sync_connectivity.labels(state.value).set(1 if state is self.state else 0)
+        with self._store.read() as conn:
+            st = outbox.stats(conn)
+        for lane, n in st.depth.items():
+            m.outbox_depth.labels(lane.value).set(n)
+        m.outbox_oldest_seconds.set(
+            max(self._clock.now() - st.oldest_pending_at, 0) if st.oldest_pending_at else 0
+        )
+        m.outbox_dead.set(st.dead)
+
     def _record_state(self) -> None:
         """Persist connectivity for ``edge-agent sync status`` (only when it changed)."""
+        self._update_metrics()
         snapshot = (self.state.value, self.last_error[:500])
         if snapshot == getattr(self, "_recorded", None):
             return

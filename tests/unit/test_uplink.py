@@ -178,3 +178,34 @@ def test_pull_applies_the_feed_once_and_never_goes_back_a_version(store: Store) 
     rows = {r["key"]: (r["version"], r["payload"]) for r in store.query("SELECT * FROM replica")}
     assert rows == {"system_config/c": (3, '{"a": 3}'), "review/r": (4, '{"verdict": "accept"}')}
     assert store.query("SELECT value FROM sync_state WHERE name = 'feed_cursor'")[0][0] == "5"
+
+
+def test_metrics_follow_connectivity_and_backlog(store: Store) -> None:
+    from edge_agent.metrics import create_metrics
+
+    fill(store, [Lane.URGENT, Lane.NORMAL, Lane.NORMAL])
+    hub = FakeHubClient()
+    hub.fail_next = 10
+    m = create_metrics()
+    up = Uplink(
+        hub,
+        store=store,
+        clock=FakeClock(),
+        metrics=m,
+        settings=UplinkSettings(retry_initial_s=0.01, retry_max_s=0.01),
+    )
+
+    async def go(cycles: int) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(up.run(stop))
+        await asyncio.sleep(cycles * 0.02)
+        stop.set()
+        await task
+
+    asyncio.run(go(5))
+    assert m.registry.get_sample_value("edge_outbox_depth", {"lane": "normal"}) == 2
+    assert m.registry.get_sample_value("edge_sync_connectivity", {"state": "online"}) == 0
+    hub.fail_next = 0
+    asyncio.run(go(5))
+    assert m.registry.get_sample_value("edge_outbox_depth", {"lane": "normal"}) == 0
+    assert m.registry.get_sample_value("edge_sync_connectivity", {"state": "online"}) == 1
