@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from cloud_hub import __version__
 
@@ -64,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_cmd_list)
+    mod = sub.add_parser("models", help="ops: signing keys, signed model releases")
+    msub = mod.add_subparsers(title="models commands", metavar="ACTION")
+    kg = msub.add_parser("keygen", help="an Ed25519 key pair; private key encrypted (0600)")
+    kg.add_argument("keyfile", type=Path)
+    kg.set_defaults(func=_cmd_keygen)
+    rl = msub.add_parser(
+        "release",
+        help="verify a package folder, write its deterministic .tar and unsigned release document",
+    )
+    rl.add_argument("package", type=Path)
+    rl.add_argument("--out", type=Path, default=Path("releases"))
+    rl.add_argument("--expires-days", type=float, default=365.0)
+    rl.set_defaults(func=_cmd_release)
+    sg = msub.add_parser("sign", help="add this key's signature to a release document")
+    sg.add_argument("document", type=Path)
+    sg.add_argument("--key", type=Path, required=True)
+    sg.set_defaults(func=_cmd_sign)
+
     rec = sub.add_parser("records", help="cloud-side edits sent to a site")
     rsub = rec.add_subparsers(title="records commands", metavar="ACTION")
     rs = rsub.add_parser("set", help="set a record of a site (goes down its change feed)")
@@ -203,4 +222,47 @@ def _cmd_records_set(args: argparse.Namespace) -> int:
         args.site_id, key=args.key, type=RecordType(args.type), payload=value
     )
     print(f"{args.key} of {args.site_id} is now version {version}; the site pulls it next")
+    return EXIT_OK
+
+
+def _passphrase(confirm: bool = False) -> bytes:
+    """From $HUB_KEY_PASSPHRASE, else asked on the terminal."""
+    env = os.environ.get("HUB_KEY_PASSPHRASE")
+    if env:
+        return env.encode()
+    import getpass
+
+    first = getpass.getpass("key passphrase: ")
+    if confirm and getpass.getpass("again: ") != first:
+        raise ValueError("passphrases differ")
+    return first.encode()
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from cloud_hub.ops import keygen
+
+    kid = keygen(args.keyfile, _passphrase(confirm=True))
+    print(
+        f"key {kid}: private {args.keyfile} (encrypted, 0600), public {args.keyfile}.pub "
+        "(pin it on every edge)"
+    )
+    return EXIT_OK
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from cloud_hub.ops import make_release
+
+    rel, archive, doc = make_release(args.package, args.out, expires_days=args.expires_days)
+    print(
+        f"{rel.name} {rel.version}: {archive} ({rel.archive_size} bytes, sha256 "
+        f"{rel.archive_sha256[:16]}...), unsigned document {doc}"
+    )
+    return EXIT_OK
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from cloud_hub.ops import add_signature, load_private
+
+    kid = add_signature(args.document, load_private(args.key, _passphrase()))
+    print(f"{args.document} signed by key {kid}")
     return EXIT_OK

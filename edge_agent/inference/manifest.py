@@ -21,13 +21,11 @@ from typing import Any, Literal
 import jsonschema
 
 from edge_agent.errors import PermanentError
+from hub_protocol.semver import SEMVER_RE
+from hub_protocol.semver import parse as semver_parse
 
 SCHEMA_VERSION = 1
-SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
-)
+
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}
 _FILE = {"type": "string", "pattern": r"^(?!/)(?!.*\.\.)[A-Za-z0-9._/-]{1,200}$"}
@@ -285,12 +283,11 @@ class Manifest:
 
 
 def parse_semver(version: str) -> tuple[int, int, int, str]:
-    m = SEMVER_RE.match(version)
-    if m is None:
-        raise ManifestError("version", f"not a semantic version: {version!r}")
-    pre = m.group(4) or ""
-    # "~" sorts after every pre-release identifier character, so releases come last.
-    return int(m.group(1)), int(m.group(2)), int(m.group(3)), pre or "~"
+    """See :func:`hub_protocol.semver.parse`; raises ManifestError naming ``version``."""
+    try:
+        return semver_parse(version)
+    except ValueError as exc:
+        raise ManifestError("version", str(exc)) from exc
 
 
 def _field_path(error: jsonschema.ValidationError) -> str:
