@@ -13,6 +13,8 @@ path                         method  what
 /v1/results?study_uid=U      GET     this site's results
 /v1/conflicts                GET     this site's open manual-review conflicts
 /v1/conflicts/ID/resolve     POST    {"take": "edge"|"cloud", "by": name}: logged, fed back
+/v1/artifacts/SHA256          GET     a release archive (HTTP Range: resumable)
+/v1/model-status             POST    this site's install status of a model version
 /v1/fleet                    GET     every site's last heartbeat (ops token)
 /healthz                     GET     process alive
 ===========================  ======  ======================================================
@@ -24,8 +26,10 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
@@ -46,6 +50,7 @@ class HubConfig:
     fleet view and enrollment-token creation over HTTP (empty = disabled)."""
 
     database_url: str = "sqlite:///hub.db"
+    artifact_dir: str = "artifacts"
     host: str = "127.0.0.1"
     port: int = 8443
     ops_token: str = ""
@@ -177,6 +182,35 @@ async def resolve_conflict(request: web.Request) -> web.Response:
     return web.json_response({"version": version})
 
 
+async def artifact(request: web.Request) -> web.StreamResponse:
+    """A release archive by SHA-256; aiohttp's FileResponse answers Range requests, so an
+    interrupted download resumes where it stopped."""
+    sha = request.match_info["sha256"]
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return error(400, "bad_request", "not a SHA-256")
+    path = Path(request.app[CONFIG].artifact_dir) / sha
+    if not path.is_file():
+        return error(404, "not_found", "no such artifact")
+    return web.FileResponse(path, headers={"Content-Type": "application/x-tar"})
+
+
+async def model_status(request: web.Request) -> web.Response:
+    body = await _json(request)
+    try:
+        name, version, status = str(body["name"]), str(body["version"]), str(body["status"])
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"model status needs name, version, status: {exc}") from exc
+    await asyncio.to_thread(
+        request.app[STORE].report_install,
+        request[SITE],
+        name,
+        version,
+        status,
+        str(body.get("detail", "")),
+    )
+    return web.json_response({"ok": True})
+
+
 async def fleet(request: web.Request) -> web.Response:
     ops = request.app[CONFIG].ops_token
     if not ops or not hmac.compare_digest(_bearer(request), ops):
@@ -212,6 +246,8 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app.router.add_get("/v1/results", results)
     app.router.add_get("/v1/conflicts", list_conflicts)
     app.router.add_post("/v1/conflicts/{conflict_id}/resolve", resolve_conflict)
+    app.router.add_get("/v1/artifacts/{sha256}", artifact)
+    app.router.add_post("/v1/model-status", model_status)
     app.router.add_get("/v1/fleet", fleet)
     app.router.add_get("/healthz", healthz)
     return app

@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(run)
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8443)
+    run.add_argument("--artifact-dir", default=os.environ.get("HUB_ARTIFACT_DIR", "artifacts"))
     run.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     run.add_argument("--tls-key", help="PEM private key for --tls-cert")
     run.set_defaults(func=_cmd_run)
@@ -82,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("document", type=Path)
     sg.add_argument("--key", type=Path, required=True)
     sg.set_defaults(func=_cmd_sign)
+    pb = msub.add_parser("publish", help="store a signed release and its archive at the hub")
+    _db_arg(pb)
+    pb.add_argument("document", type=Path)
+    pb.add_argument("archive", type=Path)
+    pb.add_argument("--artifact-dir", default=os.environ.get("HUB_ARTIFACT_DIR", "artifacts"))
+    pb.set_defaults(func=_cmd_publish)
+    asg = msub.add_parser("assign", help="send a published release to sites")
+    _db_arg(asg)
+    asg.add_argument("name")
+    asg.add_argument("version")
+    asg.add_argument("--site", action="append", default=[])
+    asg.add_argument("--all", action="store_true", help="every enrolled site")
+    asg.set_defaults(func=_cmd_assign)
+    stt = msub.add_parser("status", help="per-site install status of model versions")
+    _db_arg(stt)
+    stt.add_argument("name", nargs="?")
+    stt.set_defaults(func=_cmd_model_status)
 
     rec = sub.add_parser("records", help="cloud-side edits sent to a site")
     rsub = rec.add_subparsers(title="records commands", metavar="ACTION")
@@ -142,6 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         host=args.host,
         port=args.port,
+        artifact_dir=args.artifact_dir,
         ops_token=os.environ.get("HUB_OPS_TOKEN", ""),
     )
     ssl_context = None
@@ -265,4 +284,34 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
     kid = add_signature(args.document, load_private(args.key, _passphrase()))
     print(f"{args.document} signed by key {kid}")
+    return EXIT_OK
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    rel = _store(args.database_url).publish(
+        args.document.read_bytes(), args.archive.read_bytes(), Path(args.artifact_dir)
+    )
+    print(f"published {rel.name} {rel.version} (archive {rel.archive_sha256[:16]}...)")
+    return EXIT_OK
+
+
+def _cmd_assign(args: argparse.Namespace) -> int:
+    store = _store(args.database_url)
+    sites = [s["site_id"] for s in store.list_sites()] if args.all else args.site
+    if not sites:
+        raise ValueError("name sites with --site, or --all")
+    n = store.assign(args.name, args.version, sites)
+    print(f"{args.name} {args.version} assigned to {n} site(s)")
+    return EXIT_OK
+
+
+def _cmd_model_status(args: argparse.Namespace) -> int:
+    rows = _store(args.database_url).rollout_status(args.name)
+    if not rows:
+        print("no install reports yet")
+    for r in rows:
+        print(
+            f"{r['site_id']:<22} {r['name']} {r['version']:<10} {r['status']:<10} "
+            f"{r['detail'][:80]}"
+        )
     return EXIT_OK

@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,6 +32,7 @@ from hub_protocol import (
     RecordType,
 )
 from hub_protocol.conflicts import DEFAULT_RULES, Outcome, Rule, Version, resolve
+from hub_protocol.releases import Release, verify_archive
 
 metadata = sa.MetaData()
 
@@ -128,9 +130,39 @@ conflict_queue = sa.Table(  # manual review: both versions kept until a person d
     sa.Column("resolved_by", sa.String(200)),
 )
 
+releases = sa.Table(  # signed model releases (the hub stores, it cannot forge)
+    "releases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("document", sa.Text, nullable=False),  # the signed JSON, as published
+    sa.Column("archive_sha256", sa.String(64), nullable=False),
+    sa.Column("archive_size", sa.BigInteger, nullable=False),
+    sa.Column("published_at", sa.Float, nullable=False),
+)
+assignments = sa.Table(
+    "assignments",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("assigned_at", sa.Float, nullable=False),
+)
+install_status = sa.Table(
+    "install_status",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
 MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
     ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
     ("0002_conflicts", (conflict_queue,)),
+    ("0003_releases", (releases, assignments, install_status)),
 )
 
 #: Record types -> the data type whose conflict rule applies.
@@ -494,6 +526,133 @@ class HubStore:
                 now=now,
             )
         return version
+
+    # -- model releases ---------------------------------------------------------------------
+
+    def publish(
+        self, document: bytes, archive: bytes, artifact_dir: Path, *, now: float | None = None
+    ) -> Release:
+        """Store a signed release and its archive (content-addressed under ``artifact_dir``).
+        The hub checks the archive against the signed size and hash so it never serves
+        garbage, but trust is decided by the edges, which verify the signatures."""
+        doc = json.loads(document)
+        release = Release.from_json(doc["signed"])
+        verify_archive(archive, release)
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        path = artifact_dir / release.archive_sha256
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(archive)
+            tmp.replace(path)
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(releases.c.archive_sha256).where(
+                    releases.c.name == release.name, releases.c.version == release.version
+                )
+            ).first()
+            if exists is not None and exists[0] != release.archive_sha256:
+                raise ValueError(
+                    f"{release.name} {release.version} was already published with another archive"
+                )
+            if exists is None:
+                conn.execute(
+                    releases.insert().values(
+                        name=release.name,
+                        version=release.version,
+                        document=document.decode(),
+                        archive_sha256=release.archive_sha256,
+                        archive_size=release.archive_size,
+                        published_at=time.time() if now is None else now,
+                    )
+                )
+            else:  # more signatures (k of n) arrive as a new document for the same archive
+                conn.execute(
+                    releases.update()
+                    .where(releases.c.name == release.name, releases.c.version == release.version)
+                    .values(document=document.decode())
+                )
+        return release
+
+    def assign(
+        self, name: str, version: str, site_ids: Sequence[str], *, now: float | None = None
+    ) -> int:
+        """Assign a published release to sites; each gets it through its change feed."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            rel = (
+                conn.execute(
+                    sa.select(releases).where(
+                        releases.c.name == name, releases.c.version == version
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if rel is None:
+                raise KeyError(f"{name} {version} is not published")
+            for site in site_ids:
+                conn.execute(
+                    assignments.delete().where(
+                        assignments.c.site_id == site, assignments.c.name == name
+                    )
+                )
+                conn.execute(
+                    assignments.insert().values(
+                        site_id=site, name=name, version=version, assigned_at=now
+                    )
+                )
+                self._change(
+                    conn,
+                    site,
+                    type="model_assignment",
+                    key=f"model/{name}",
+                    version=int(now * 1000),
+                    now=now,
+                    payload={
+                        "name": name,
+                        "version": version,
+                        "document": rel["document"],
+                        "archive": f"/v1/artifacts/{rel['archive_sha256']}",
+                        "archive_size": rel["archive_size"],
+                    },
+                )
+        return len(site_ids)
+
+    def report_install(
+        self,
+        site_id: str,
+        name: str,
+        version: str,
+        status: str,
+        detail: str,
+        *,
+        now: float | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                install_status.delete().where(
+                    install_status.c.site_id == site_id,
+                    install_status.c.name == name,
+                    install_status.c.version == version,
+                )
+            )
+            conn.execute(
+                install_status.insert().values(
+                    site_id=site_id,
+                    name=name,
+                    version=version,
+                    status=status,
+                    detail=detail[:2000],
+                    at=time.time() if now is None else now,
+                )
+            )
+
+    def rollout_status(self, name: str | None = None) -> list[dict[str, Any]]:
+        q = sa.select(install_status)
+        if name is not None:
+            q = q.where(install_status.c.name == name)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(install_status.c.at)).mappings()]
 
     def conflicts(self, site_id: str | None, *, open_only: bool = True) -> list[dict[str, Any]]:
         """The manual-review queue (one site's, or all for ops)."""

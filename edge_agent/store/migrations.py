@@ -258,6 +258,19 @@ MIGRATIONS: Sequence[Migration] = (
         );
         """,
     ),
+    Migration(
+        "0006_model_updates",
+        """
+        CREATE TABLE model_updates (                   -- every release decision, with reason
+            name            TEXT NOT NULL,
+            version         TEXT NOT NULL,
+            status          TEXT NOT NULL,             -- accepted|refused
+            reason          TEXT NOT NULL,
+            decided_at      REAL NOT NULL,
+            PRIMARY KEY (name, version)
+        );
+        """,
+    ),
 )
 
 

@@ -140,6 +140,7 @@ class HttpHubClient:
         self._headers = {"Authorization": f"Bearer {cred.credential}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
         self._session: aiohttp.ClientSession | None = None
+        self.last_download_status = 0  # for tests and logs: 206 = resumed with Range
 
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -175,6 +176,45 @@ class HttpHubClient:
     async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
         body = await self._call("GET", f"/v1/changes?cursor={int(cursor)}&limit={int(limit)}")
         return list(body["changes"]), int(body["next_cursor"])
+
+    async def download(self, path: str, dest: Path, *, limit: int) -> None:
+        """Append ``path`` to ``dest`` from its current size (HTTP Range), fsync, never past
+        ``limit`` bytes (ReleaseError ``too_large`` if the hub sends more)."""
+        from hub_protocol.releases import ReleaseError
+
+        have = dest.stat().st_size if dest.exists() else 0
+        if have >= limit:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            async with self._s().get(self._base + path, headers=headers) as r:
+                self.last_download_status = r.status
+                if r.status == 200 and have:  # the server ignored Range: start over
+                    have = 0
+                    dest.unlink(missing_ok=True)
+                elif r.status not in (200, 206):
+                    await _raise_for(r)
+                with dest.open("ab") as fh:
+                    async for chunk in r.content.iter_chunked(1 << 20):
+                        if have + len(chunk) > limit:
+                            raise ReleaseError(
+                                "too_large", f"download exceeds the signed size of {limit} bytes"
+                            )
+                        fh.write(chunk)
+                        have += len(chunk)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise HubUnavailable(f"download {path}: {type(exc).__name__}: {exc}") from exc
+
+    async def report_model(self, name: str, version: str, status: str, detail: str) -> None:
+        await self._call(
+            "POST",
+            "/v1/model-status",
+            json.dumps(
+                {"name": name, "version": version, "status": status, "detail": detail}
+            ).encode(),
+        )
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,0 +1,140 @@
+"""Signed model versions from ops to an edge through the real hub app: the good ones are
+activated, every attack is refused with its reason and the active model is untouched, and
+an interrupted download resumes with an HTTP Range request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_hub.app import HubConfig, create_app
+from cloud_hub.db import HubStore, connect
+from cloud_hub.ops import make_release
+from edge_agent.clock import FakeClock
+from edge_agent.inference.package import write_manifest_files
+from edge_agent.inference.reference_models import SEG_NAME, build_reference_packages
+from edge_agent.inference.registry import Registry
+from edge_agent.store import Store
+from edge_agent.sync.client import Credential, HttpHubClient
+from edge_agent.sync.model_updates import ModelUpdater
+from edge_agent.sync.uplink import Uplink
+from hub_protocol.releases import envelope, key_id, sign
+
+NOW = 1_800_000_000.0
+
+
+def variant(src: Path, dest: Path, version: str, *, break_selftest: bool = False) -> Path:
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["version"] = version
+    if break_selftest:
+        m["self_test"]["expect"]["mean"] += 0.5
+    write_manifest_files(dest, m)
+    return dest
+
+
+def test_signed_rollout_to_an_edge(tmp_path: Path) -> None:
+    ops, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    base = next(
+        r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
+    )
+    hub_db, artifacts = f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "artifacts"
+    hub_store = HubStore(connect(hub_db))
+
+    def publish(
+        version: str,
+        *,
+        key: Ed25519PrivateKey = ops,
+        expires_days: float = 30,
+        break_selftest: bool = False,
+        tamper: bool = False,
+    ) -> None:
+        pkg = variant(base, tmp_path / f"pkg-{version}", version, break_selftest=break_selftest)
+        rel, archive, _ = make_release(pkg, tmp_path / "out", expires_days=expires_days, now=NOW)
+        hub_store.publish(envelope(rel, [sign(rel, key)]), archive.read_bytes(), artifacts)
+        if tamper:  # the hub (or its disk) swaps the archive after publication
+            path = artifacts / rel.archive_sha256
+            data = bytearray(path.read_bytes())
+            data[-600] ^= 1
+            path.write_bytes(bytes(data))
+
+    async def go() -> None:
+        app = create_app(
+            HubConfig(database_url=hub_db, artifact_dir=str(artifacts)), store=hub_store
+        )
+        async with TestClient(TestServer(app)) as client:
+            token = hub_store.create_enrollment_token("edge")
+            body = await (await client.post("/v1/enroll", json={"token": token})).json()
+            site = body["site_id"]
+            cred = Credential(str(client.make_url("")).rstrip("/"), site, body["credential"])
+            store = Store(tmp_path / "edge.db")
+            hub = HttpHubClient(cred)
+            clock = FakeClock(NOW + 60)
+            registry = Registry(store=store, models_dir=tmp_path / "models", clock=clock)
+            updater = ModelUpdater(
+                store=store,
+                registry=registry,
+                source=hub,
+                trusted={key_id(ops.public_key()): ops.public_key()},
+                threshold=1,
+                staging=tmp_path / "staging",
+                clock=clock,
+            )
+            up = Uplink(hub, store=store, clock=clock)
+
+            async def roll(version: str) -> Any:
+                hub_store.assign(SEG_NAME, version, [site])
+                await up.pull()
+                (decision,) = await updater.check()
+                return decision
+
+            def active() -> str:
+                return next(m.version for m in registry.active() if m.name == SEG_NAME)
+
+            try:
+                publish("1.0.0")
+                assert (await roll("1.0.0")).status == "accepted" and active() == "1.0.0"
+                cases = [
+                    ("1.1.0", {"key": stranger}, "unknown_key"),
+                    ("1.2.0", {"tamper": True}, "hash_mismatch"),
+                    ("1.3.0", {"expires_days": -1}, "expired"),
+                    ("1.4.0", {"break_selftest": True}, "SelfTestFailed"),
+                ]
+                for version, kw, reason in cases:
+                    publish(version, **kw)
+                    d = await roll(version)
+                    assert d.status == "refused" and reason in d.reason, (version, d)
+                    assert active() == "1.0.0"  # untouched
+                publish("0.9.0")
+                d = await roll("0.9.0")
+                assert d.status == "refused" and "rollback" in d.reason
+                # an interrupted download resumes from where it stopped (HTTP Range)
+                publish("1.5.0")
+                with hub_store.engine.connect() as conn:
+                    rel_doc = json.loads(
+                        conn.execute(
+                            sa.text("SELECT document FROM releases WHERE version = '1.5.0'")
+                        ).scalar_one()
+                    )
+                sha = rel_doc["signed"]["archive"]["sha256"]
+                full = (artifacts / sha).read_bytes()
+                (tmp_path / "staging").mkdir(exist_ok=True)
+                (tmp_path / "staging" / f"{sha}.part").write_bytes(full[: len(full) // 2])
+                d = await roll("1.5.0")
+                assert d.status == "accepted" and active() == "1.5.0"
+                assert hub.last_download_status == 206
+                assert {m.version for m in registry.installed()} >= {"1.0.0", "1.5.0"}
+                statuses = {(r["version"], r["status"]) for r in hub_store.rollout_status()}
+                assert ("1.5.0", "active") in statuses and ("1.2.0", "refused") in statuses
+            finally:
+                await hub.close()
+                store.close()
+
+    asyncio.run(go())
