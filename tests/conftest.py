@@ -14,10 +14,17 @@ from typing import Any
 
 import pydicom
 import pytest
+from hypothesis import settings
 from pydicom.filereader import read_preamble
 
 from edge_agent.clock import FakeClock
 from edge_agent.config import AllowedCaller, Config, DicomConfig, StorageConfig, StudiesConfig
+
+# In CI the property tests replay the same examples every run (no flaky red); locally they
+# explore new ones each run.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 TEST_FILES = Path(os.path.dirname(pydicom.data.get_testdata_file("CT_small.dcm")))
 DCMTK_TOOLS = ("storescu", "echoscu", "storescp")

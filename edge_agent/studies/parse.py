@@ -268,7 +268,12 @@ def inspect_dataset(
     except struct.error as exc:  # pragma: no cover - bounds are checked before every unpack
         raise InvalidInstance(STATUS_CANNOT_PARSE, f"malformed dataset: {exc}") from None
     f = walker.found
-    encodings = convert_encodings(_charset(f.get(_CHARSET, b"")))
+    try:
+        encodings = convert_encodings(_charset(f.get(_CHARSET, b"")))
+    except (KeyError, ValueError, LookupError):
+        # an unknown or corrupt Specific Character Set: index what we can with the default
+        # repertoire rather than refuse an otherwise valid instance
+        encodings = convert_encodings([""])
 
     def text(tag: int) -> str:
         raw = f.get(tag)
