@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hub_protocol.releases import Release, canonical, key_id, sign
+from hub_protocol.releases import Release, canonical, key_id, load_public_key, sign
 
 
 def keygen(path: Path, passphrase: bytes) -> str:
@@ -54,10 +54,7 @@ def load_private(path: Path, passphrase: bytes) -> Ed25519PrivateKey:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(path.read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an Ed25519 public key")
-    return key
+    return load_public_key(path)
 
 
 def deterministic_tar(folder: Path) -> bytes:

@@ -31,9 +31,11 @@ from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
 from edge_agent.sync import outbox
 from edge_agent.sync.client import Credential, HttpHubClient
+from edge_agent.sync.model_updates import ModelUpdater
 from edge_agent.sync.state import load_hlc
 from edge_agent.sync.uplink import Uplink, UplinkSettings
 from hub_protocol import HybridClock
+from hub_protocol.releases import key_id, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,9 @@ class EdgeApp:
         cred_path = cfg.sync.credential_path(s.data_dir)
         if cred_path.exists():
             sy = cfg.sync
+            client = HttpHubClient(Credential.load(cred_path), ca_file=sy.hub_ca_file)
             self.uplink = Uplink(
-                HttpHubClient(Credential.load(cred_path), ca_file=cfg.sync.hub_ca_file),
+                client,
                 store=self.store,
                 clock=self.clock,
                 settings=UplinkSettings(
@@ -129,6 +132,18 @@ class EdgeApp:
                 ),
                 metrics=self.metrics,
             )
+            if sy.trusted_keys:  # model releases from ops, verified against pinned keys
+                keys = [load_public_key(Path(k)) for k in sy.trusted_keys]
+                updater = ModelUpdater(
+                    store=self.store,
+                    registry=self.registry,
+                    source=client,
+                    trusted={key_id(k): k for k in keys},
+                    threshold=sy.release_threshold,
+                    staging=cfg.models_dir() / ".downloads",
+                    clock=self.clock,
+                )
+                self.uplink.after_pull.append(updater.check)
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
         )

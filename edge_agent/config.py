@@ -214,6 +214,8 @@ class SyncConfig:
     does not sync. Batches hold at most ``batch_max_records`` records / ``batch_max_kb`` KiB.
     Failed pushes back off from ``retry_initial_s`` doubling to ``retry_max_s`` (with jitter).
     ``hub_ca_file``: PEM bundle trusted for the hub's TLS certificate (empty = system trust).
+    ``trusted_keys``: the ops Ed25519 public keys (PEM files) pinned for model releases; none =
+    model updates from the hub are off. ``release_threshold``: how many of them must sign.
     ``pseudonymise``: replace ``pseudonymise_fields`` by a keyed pseudonym (HMAC-SHA-256 with
     the site secret in ``secret_file``, created on first use) before anything leaves the site.
     """
@@ -235,6 +237,8 @@ class SyncConfig:
     )
     secret_file: str = "site-secret.key"  # noqa: S105 - a file name, not a secret
     hub_ca_file: str = ""
+    trusted_keys: tuple[str, ...] = ()
+    release_threshold: int = 1
 
     def secret_path(self, data_dir: str) -> Path:
         p = Path(self.secret_file)
@@ -602,6 +606,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sync.retry_initial_s", "must be > 0 and <= sync.retry_max_s <= 3600")
     if sy.hub_ca_file and not Path(sy.hub_ca_file).is_file():
         raise ConfigError("sync.hub_ca_file", f"file not found: {sy.hub_ca_file}")
+    for i, k in enumerate(sy.trusted_keys):
+        if not Path(k).is_file():
+            raise ConfigError(f"sync.trusted_keys[{i}]", f"file not found: {k}")
+    if not 1 <= sy.release_threshold <= max(len(sy.trusted_keys), 1):
+        raise ConfigError("sync.release_threshold", "must be 1..number of sync.trusted_keys")
     if not sy.secret_file:
         raise ConfigError("sync.secret_file", "must not be empty")
     if not 1 <= sy.heartbeat_interval_s <= 86400:

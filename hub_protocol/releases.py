@@ -24,6 +24,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidSignature
@@ -53,6 +54,14 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     """A stable id for a public key: first 16 hex chars of SHA-256 of its raw bytes."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """An ops public key from a PEM file (what an edge pins)."""
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
 
 
 def _semver(v: str) -> tuple[int, int, int, str]:

@@ -264,7 +264,9 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
 
 
-def start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_hub(
+    db: Path, port: int, log: Path, artifact_dir: Path | None = None
+) -> subprocess.Popen[bytes]:
     """``cloud-hub run`` on SQLite ``db`` as a child process; waits for /healthz."""
     import sys
     import time
@@ -281,6 +283,8 @@ def start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
                 f"sqlite:///{db}",
                 "--port",
                 str(port),
+                "--artifact-dir",
+                str(artifact_dir or db.parent / "artifacts"),
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,

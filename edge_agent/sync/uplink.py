@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
@@ -60,6 +61,9 @@ class Uplink:
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
+        #: coroutines run after each pull that brought changes (e.g. model updates)
+        self.after_pull: list[Callable[[], Awaitable[Any]]] = []
+        self.after_pull_always = True  # also retry pending work (resumable downloads)
         self._client = client
         self._store = store
         self._clock = clock
@@ -257,7 +261,9 @@ class Uplink:
             failed = False
             try:
                 await self.drain()
-                await self.pull()
+                if await self.pull() or self.after_pull_always:
+                    for hook in self.after_pull:
+                        await hook()
                 if self._clock.now() >= next_heartbeat and health is not None:
                     await self._client.heartbeat(health())
                     next_heartbeat = self._clock.now() + self.settings.heartbeat_interval_s

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -138,3 +139,85 @@ def test_signed_rollout_to_an_edge(tmp_path: Path) -> None:
                 store.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.dcmtk
+def test_running_agent_installs_an_assigned_release(tmp_path: Path) -> None:
+    """The whole path with real processes: ops sign and publish, the hub assigns, the
+    running agent (pinned key) pulls, verifies, self-tests and activates it."""
+    import signal
+    import sqlite3
+    import time
+
+    from cloud_hub.ops import add_signature, keygen, load_private
+    from edge_agent.cli import main as cli
+    from edge_agent.sync.client import enroll
+    from tests.conftest import free_port, start_agent, start_hub, wait_ready
+
+    base = next(
+        r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
+    )
+    kid = keygen(tmp_path / "ops.key", b"correct horse battery")
+    rel, archive, doc = make_release(base, tmp_path / "rel")
+    add_signature(doc, load_private(tmp_path / "ops.key", b"correct horse battery"))
+    hub_db, hub_port = tmp_path / "hub.db", free_port()
+    hub_store = HubStore(connect(f"sqlite:///{hub_db}"))
+    hub_store.publish(doc.read_bytes(), archive.read_bytes(), tmp_path / "artifacts")
+    token = hub_store.create_enrollment_token("rollout")
+    hub = start_hub(hub_db, hub_port, tmp_path / "hub.log", artifact_dir=tmp_path / "artifacts")
+    port, root = free_port(), tmp_path / "agent"
+    assert (
+        cli(
+            [
+                "init",
+                str(root),
+                "--port",
+                str(port),
+                "--bind-address",
+                "127.0.0.1",
+                "--ae-title",
+                "EDGE_ROLL",
+                "--min-free-mb",
+                "0",
+            ]
+        )
+        == 0
+    )
+    cfg = root / "edge-agent.toml"
+    cfg.write_text(
+        cfg.read_text().replace(
+            "trusted_keys = []", f'trusted_keys = ["{tmp_path / "ops.key.pub"}"]'
+        )
+    )
+    cred = asyncio.run(enroll(f"http://127.0.0.1:{hub_port}", token))
+    cred.save(root / "data" / "sync-credential.json")
+    cfg.write_text(cfg.read_text().replace("heartbeat_interval_s = 60.0",
+                                           "heartbeat_interval_s = 1.0"))  # poll the feed
+    agent = start_agent(cfg, root / "agent.log")
+    try:
+        wait_ready(port, "EDGE_ROLL", agent, root / "agent.log")
+        hub_store.assign(rel.name, rel.version, [cred.site_id])
+        db = root / "data" / "edge.db"
+        deadline = time.monotonic() + 60
+        active = None
+        while time.monotonic() < deadline and active is None:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                row = conn.execute(
+                    "SELECT version FROM model_versions WHERE name = ? AND active = 1", (rel.name,)
+                ).fetchone()
+            finally:
+                conn.close()
+            active = row[0] if row else None
+            time.sleep(0.2)
+        assert active == rel.version, (root / "agent.log").read_text()[-2000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not hub_store.rollout_status(rel.name):
+            time.sleep(0.2)
+        (status,) = hub_store.rollout_status(rel.name)
+        assert status["status"] == "active" and kid in status["detail"]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+        hub.terminate()
+        hub.wait(10)
