@@ -172,6 +172,16 @@ def _parser() -> argparse.ArgumentParser:
     mp.add_argument("name")
     mp.add_argument("version")
     mp.set_defaults(func=_cmd_models_activate)
+    mp = msub.add_parser(
+        "history", help="release decisions (accepted/refused, why) and installed versions"
+    )
+    _config_arg(mp)
+    mp.add_argument("name", nargs="?")
+    mp.set_defaults(func=_cmd_models_history)
+    mp = msub.add_parser("rollback", help="re-activate the previous installed version")
+    _config_arg(mp)
+    mp.add_argument("name")
+    mp.set_defaults(func=_cmd_models_rollback)
     mp = msub.add_parser("build-reference", help="write the reference model packages to DIR")
     mp.add_argument("dir", type=Path)
     mp.add_argument("--large", action="store_true", help="also the ResNet-50-sized one (~95 MB)")
@@ -332,6 +342,53 @@ def _cmd_models_activate(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"{args.name} {args.version} is now active")
+    return EXIT_OK
+
+
+def _cmd_models_history(args: argparse.Namespace) -> int:
+    store, reg = _registry(_load(args))
+    try:
+        sql = "SELECT * FROM model_updates" + (" WHERE name = ?" if args.name else "")  # noqa: S608
+        rows = store.query(sql + " ORDER BY decided_at", (args.name,) if args.name else ())
+        installed = [m for m in reg.installed() if not args.name or m.name == args.name]
+    finally:
+        store.close()
+    print("installed:")
+    for m in installed:
+        print(
+            f"  {'*' if m.active else ' '} {m.name} {m.version}  installed "
+            f"{_fmt_time(m.installed_at)}"
+        )
+    print("releases from the hub:")
+    if not rows:
+        print("  none yet")
+    for r in rows:
+        why = f": {r['reason']}" if r["reason"] else ""
+        print(f"  {_fmt_time(r['decided_at'])}  {r['name']} {r['version']}  {r['status']}{why}")
+    return EXIT_OK
+
+
+def _cmd_models_rollback(args: argparse.Namespace) -> int:
+    from hub_protocol.semver import parse
+
+    store, reg = _registry(_load(args))
+    try:
+        versions = sorted(
+            (m for m in reg.installed() if m.name == args.name), key=lambda m: parse(m.version)
+        )
+        active = [m for m in versions if m.active]
+        if not active:
+            raise EdgeError(f"{args.name} has no active version")
+        older = [m for m in versions if parse(m.version) < parse(active[0].version)]
+        if not older:
+            raise EdgeError(f"{args.name} {active[0].version} has no older installed version")
+        reg.activate(args.name, older[-1].version)
+    finally:
+        store.close()
+    print(
+        f"{args.name}: {active[0].version} -> {older[-1].version} (active); new studies use "
+        "it, jobs already scheduled finish on the version they were scheduled with"
+    )
     return EXIT_OK
 
 

@@ -191,8 +191,9 @@ def test_running_agent_installs_an_assigned_release(tmp_path: Path) -> None:
     )
     cred = asyncio.run(enroll(f"http://127.0.0.1:{hub_port}", token))
     cred.save(root / "data" / "sync-credential.json")
-    cfg.write_text(cfg.read_text().replace("heartbeat_interval_s = 60.0",
-                                           "heartbeat_interval_s = 1.0"))  # poll the feed
+    cfg.write_text(
+        cfg.read_text().replace("heartbeat_interval_s = 60.0", "heartbeat_interval_s = 1.0")
+    )  # poll the feed
     agent = start_agent(cfg, root / "agent.log")
     try:
         wait_ready(port, "EDGE_ROLL", agent, root / "agent.log")
@@ -221,3 +222,28 @@ def test_running_agent_installs_an_assigned_release(tmp_path: Path) -> None:
         agent.wait(60)
         hub.terminate()
         hub.wait(10)
+
+
+def test_models_history_and_rollback_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.cli import main as cli
+
+    base = next(
+        r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
+    )
+    v2 = variant(base, tmp_path / "v2", "1.1.0")
+    assert cli(["init", str(tmp_path / "agent"), "--min-free-mb", "0"]) == 0
+    cfg = str(tmp_path / "agent" / "edge-agent.toml")
+    store = Store(tmp_path / "agent" / "data" / "edge.db")  # create the database
+    store.close()
+    assert cli(["models", "install", str(base), "--config", cfg]) == 0
+    assert cli(["models", "install", str(v2), "--activate", "--config", cfg]) == 0
+    assert cli(["models", "rollback", SEG_NAME, "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "1.1.0 -> 1.0.0 (active)" in out
+    assert cli(["models", "rollback", SEG_NAME, "--config", cfg]) == 1  # nothing older
+    assert "no older installed version" in capsys.readouterr().err
+    assert cli(["models", "history", "--config", cfg]) == 0
+    hist = capsys.readouterr().out
+    assert f"* {SEG_NAME} 1.0.0" in hist and f"  {SEG_NAME} 1.1.0" in hist
