@@ -96,6 +96,26 @@ def _parser() -> argparse.ArgumentParser:
     asg.add_argument("--site", action="append", default=[])
     asg.add_argument("--all", action="store_true", help="every enrolled site")
     asg.set_defaults(func=_cmd_assign)
+    ro = msub.add_parser("rollout", help="staged rollout: start, advance, pause, rollback")
+    rosub = ro.add_subparsers(title="rollout commands", metavar="ACTION")
+    rs_ = rosub.add_parser("start", help="assign to the canary sites first")
+    _db_arg(rs_)
+    rs_.add_argument("name")
+    rs_.add_argument("version")
+    rs_.add_argument("--canary", action="append", required=True, help="canary site id")
+    rs_.add_argument("--percent", type=int, default=25, help="second stage: share of the rest")
+    rs_.add_argument("--previous", help="version to roll back to (default: newest older)")
+    rs_.set_defaults(func=_cmd_rollout_start)
+    for action, helptext in (
+        ("advance", "next stage once the current one reports active (pauses at the first refusal)"),
+        ("pause", "stop assigning"),
+        ("rollback", "tell every site that got it to re-activate the previous version"),
+    ):
+        ra = rosub.add_parser(action, help=helptext)
+        _db_arg(ra)
+        ra.add_argument("name")
+        ra.add_argument("version")
+        ra.set_defaults(func=_cmd_rollout_action, action=action)
     stt = msub.add_parser("status", help="per-site install status of model versions")
     _db_arg(stt)
     stt.add_argument("name", nargs="?")
@@ -314,4 +334,25 @@ def _cmd_model_status(args: argparse.Namespace) -> int:
             f"{r['site_id']:<22} {r['name']} {r['version']:<10} {r['status']:<10} "
             f"{r['detail'][:80]}"
         )
+    return EXIT_OK
+
+
+def _cmd_rollout_start(args: argparse.Namespace) -> int:
+    _store(args.database_url).start_rollout(
+        args.name, args.version, canary=args.canary, percent=args.percent, previous=args.previous
+    )
+    print(f"{args.name} {args.version}: canary stage on {', '.join(args.canary)}")
+    return EXIT_OK
+
+
+def _cmd_rollout_action(args: argparse.Namespace) -> int:
+    store = _store(args.database_url)
+    if args.action == "advance":
+        print(f"{args.name} {args.version}: {store.advance_rollout(args.name, args.version)}")
+    elif args.action == "pause":
+        store.pause_rollout(args.name, args.version)
+        print(f"{args.name} {args.version}: paused")
+    else:
+        n = store.rollback_rollout(args.name, args.version)
+        print(f"{args.name} {args.version}: rollback sent to {n} site(s)")
     return EXIT_OK

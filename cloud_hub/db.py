@@ -159,10 +159,24 @@ install_status = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 
+rollouts = sa.Table(  # staged rollout of one release: canary -> percentage -> all
+    "rollouts",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.String(12), nullable=False),  # canary|percent|all|paused|rolled_back
+    sa.Column("canary", sa.Text, nullable=False),  # JSON list of site ids
+    sa.Column("percent", sa.Integer, nullable=False),
+    sa.Column("previous", sa.String(64)),  # version to roll back to
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
 MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
     ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
     ("0002_conflicts", (conflict_queue,)),
     ("0003_releases", (releases, assignments, install_status)),
+    ("0004_rollouts", (rollouts,)),
 )
 
 #: Record types -> the data type whose conflict rule applies.
@@ -646,6 +660,156 @@ class HubStore:
                     at=time.time() if now is None else now,
                 )
             )
+
+    # -- staged rollouts ------------------------------------------------------------------
+
+    def start_rollout(
+        self,
+        name: str,
+        version: str,
+        *,
+        canary: Sequence[str],
+        percent: int,
+        previous: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Stage 1: assign to the canary sites only."""
+        if not canary:
+            raise ValueError("a rollout needs at least one canary site")
+        if not 1 <= percent <= 100:
+            raise ValueError("percent must be 1..100")
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            conn.execute(
+                rollouts.delete().where(rollouts.c.name == name, rollouts.c.version == version)
+            )
+            conn.execute(
+                rollouts.insert().values(
+                    name=name,
+                    version=version,
+                    stage="canary",
+                    canary=json.dumps(list(canary)),
+                    percent=percent,
+                    previous=previous,
+                    reason="",
+                    updated_at=now,
+                )
+            )
+        self.assign(name, version, list(canary), now=now)
+
+    def _rollout(self, name: str, version: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    sa.select(rollouts).where(
+                        rollouts.c.name == name, rollouts.c.version == version
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise KeyError(f"no rollout of {name} {version}")
+        return dict(row)
+
+    def _set_stage(self, name: str, version: str, stage: str, reason: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                rollouts.update()
+                .where(rollouts.c.name == name, rollouts.c.version == version)
+                .values(stage=stage, reason=reason, updated_at=time.time())
+            )
+
+    def advance_rollout(self, name: str, version: str) -> str:
+        """Move to the next stage once every site of the current one reports the version
+        active; pause at the first refusal. Returns the stage after the call."""
+        r = self._rollout(name, version)
+        if r["stage"] in ("paused", "rolled_back", "all"):
+            return str(r["stage"])
+        with self.engine.connect() as conn:
+            targets = [
+                s
+                for (s,) in conn.execute(
+                    sa.select(assignments.c.site_id).where(
+                        assignments.c.name == name, assignments.c.version == version
+                    )
+                )
+            ]
+            reports = {
+                row.site_id: (row.status, row.detail)
+                for row in conn.execute(
+                    sa.select(install_status).where(
+                        install_status.c.name == name, install_status.c.version == version
+                    )
+                )
+            }
+        refused = {s: reports[s][1] for s in targets if s in reports and reports[s][0] != "active"}
+        if refused:
+            site, why = next(iter(refused.items()))
+            self._set_stage(name, version, "paused", f"{site}: {why}")
+            return "paused"
+        if any(s not in reports for s in targets):
+            return str(r["stage"])  # still waiting for reports
+        everyone = sorted(s["site_id"] for s in self.list_sites())
+        if r["stage"] == "canary":
+            rest = sorted(
+                (s for s in everyone if s not in targets),
+                key=lambda s: hashlib.sha256(f"{s}/{version}".encode()).hexdigest(),
+            )
+            take = rest[: max(1, len(rest) * int(r["percent"]) // 100)] if rest else []
+            if take:
+                self.assign(name, version, take)
+            self._set_stage(name, version, "percent", f"{len(take)} more site(s)")
+            return "percent"
+        rest = [s for s in everyone if s not in targets]
+        if rest:
+            self.assign(name, version, rest)
+        self._set_stage(name, version, "all", "every site")
+        return "all"
+
+    def pause_rollout(self, name: str, version: str, reason: str = "paused by ops") -> None:
+        self._rollout(name, version)
+        self._set_stage(name, version, "paused", reason)
+
+    def rollback_rollout(self, name: str, version: str, *, now: float | None = None) -> int:
+        """Tell every site that got ``version`` to re-activate the previous version it has
+        installed (no new release is needed, so edge rollback protection is not bypassed).
+        Returns how many sites were told."""
+        r = self._rollout(name, version)
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            # every site that has it or had it assigned (a later assignment replaces the
+            # assignment row; the install reports stay)
+            sites_ = sorted(
+                {
+                    s
+                    for (s,) in conn.execute(
+                        sa.select(assignments.c.site_id).where(
+                            assignments.c.name == name, assignments.c.version == version
+                        )
+                    )
+                }
+                | {
+                    s
+                    for (s,) in conn.execute(
+                        sa.select(install_status.c.site_id).where(
+                            install_status.c.name == name, install_status.c.version == version
+                        )
+                    )
+                }
+            )
+            for site in sites_:
+                self._change(
+                    conn,
+                    site,
+                    type="model_rollback",
+                    key=f"model/{name}",
+                    version=int(now * 1000),
+                    now=now,
+                    payload={"name": name, "from_version": version, "to_version": r["previous"]},
+                )
+        self._set_stage(name, version, "rolled_back", f"{len(sites_)} site(s) told")
+        return len(sites_)
 
     def rollout_status(self, name: str | None = None) -> list[dict[str, Any]]:
         q = sa.select(install_status)

@@ -114,11 +114,39 @@ class ModelUpdater:
         return out
 
     async def check(self) -> list[Decision]:
-        """Handle every pending assignment; returns the decisions taken."""
+        """Handle every pending assignment and rollback order; returns the decisions."""
         decisions = []
         for a in self.pending():
             decisions.append(await self.apply(a))
+        for row in self._store.query("SELECT payload FROM replica WHERE type = 'model_rollback'"):
+            d = await self.rollback(json.loads(row[0]))
+            if d is not None:
+                decisions.append(d)
         return decisions
+
+    async def rollback(self, order: Mapping[str, Any]) -> Decision | None:
+        """Ops rolled a version back: if it is active here, re-activate the previous installed
+        version (``to_version`` when installed, else the newest one below). None = nothing
+        to do (already done, or that version never became active here)."""
+        name, bad = str(order["name"]), str(order["from_version"])
+        active = next((m for m in self._registry.active() if m.name == name), None)
+        if active is None or active.version != bad:
+            return None
+        installed = {m.version for m in self._registry.installed() if m.name == name}
+        target = order.get("to_version")
+        if target not in installed:
+            older = sorted((v for v in installed if semver(v) < semver(bad)), key=semver)
+            target = older[-1] if older else None
+        if target is None:
+            reason = "rollback ordered but no older version is installed"
+            await self._report(name, bad, "rollback_failed", reason)
+            return Decision(name, bad, "rollback_failed", reason)
+        self._registry.activate(name, str(target))
+        log.warning(
+            "model version rolled back by ops", extra={"model": name, "from": bad, "to": target}
+        )
+        await self._report(name, bad, "rolled_back", f"re-activated {target}")
+        return Decision(name, bad, "rolled_back", f"re-activated {target}")
 
     async def apply(self, assignment: Mapping[str, Any]) -> Decision:
         name, version = str(assignment["name"]), str(assignment["version"])

@@ -247,3 +247,110 @@ def test_models_history_and_rollback_cli(
     assert cli(["models", "history", "--config", cfg]) == 0
     hist = capsys.readouterr().out
     assert f"* {SEG_NAME} 1.0.0" in hist and f"  {SEG_NAME} 1.1.0" in hist
+
+
+def test_staged_rollout_across_sites_pauses_on_a_failing_canary(tmp_path: Path) -> None:
+    ops = Ed25519PrivateKey.generate()
+    base = next(
+        r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
+    )
+    hub_db, artifacts = f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "artifacts"
+    hub_store = HubStore(connect(hub_db))
+
+    def publish(version: str, *, break_selftest: bool = False) -> None:
+        pkg = variant(base, tmp_path / f"pkg-{version}", version, break_selftest=break_selftest)
+        rel, archive, _ = make_release(pkg, tmp_path / "out", now=NOW)
+        hub_store.publish(envelope(rel, [sign(rel, ops)]), archive.read_bytes(), artifacts)
+
+    async def go() -> None:
+        app = create_app(
+            HubConfig(database_url=hub_db, artifact_dir=str(artifacts)), store=hub_store
+        )
+        async with TestClient(TestServer(app)) as client:
+            edges: dict[str, Any] = {}
+            for name in "ABCD":
+                token = hub_store.create_enrollment_token(name)
+                body = await (await client.post("/v1/enroll", json={"token": token})).json()
+                cred = Credential(
+                    str(client.make_url("")).rstrip("/"), body["site_id"], body["credential"]
+                )
+                store = Store(tmp_path / f"edge-{name}.db")
+                clock = FakeClock(NOW + 60)
+                hub = HttpHubClient(cred)
+                registry = Registry(
+                    store=store, models_dir=tmp_path / f"models-{name}", clock=clock
+                )
+                edges[name] = {
+                    "site": body["site_id"],
+                    "store": store,
+                    "hub": hub,
+                    "registry": registry,
+                    "up": Uplink(hub, store=store, clock=clock),
+                    "updater": ModelUpdater(
+                        store=store,
+                        registry=registry,
+                        source=hub,
+                        trusted={key_id(ops.public_key()): ops.public_key()},
+                        threshold=1,
+                        staging=tmp_path / f"staging-{name}",
+                        clock=clock,
+                    ),
+                }
+
+            async def sync_all() -> None:
+                for e in edges.values():
+                    await e["up"].pull()
+                    await e["updater"].check()
+
+            def actives() -> dict[str, str]:
+                return {
+                    n: next((m.version for m in e["registry"].active()), "-")
+                    for n, e in edges.items()
+                }
+
+            try:
+                publish("1.0.0")
+                hub_store.assign(SEG_NAME, "1.0.0", [e["site"] for e in edges.values()])
+                await sync_all()
+                assert set(actives().values()) == {"1.0.0"}
+
+                publish("1.1.0")
+                hub_store.start_rollout(
+                    SEG_NAME, "1.1.0", canary=[edges["A"]["site"]], percent=34, previous="1.0.0"
+                )
+                await sync_all()
+                assert actives() == {"A": "1.1.0", "B": "1.0.0", "C": "1.0.0", "D": "1.0.0"}
+                assert hub_store.advance_rollout(SEG_NAME, "1.1.0") == "percent"
+                await sync_all()
+                assert sorted(actives().values()) == ["1.0.0", "1.0.0", "1.1.0", "1.1.0"]
+                assert hub_store.advance_rollout(SEG_NAME, "1.1.0") == "all"
+                await sync_all()
+                assert set(actives().values()) == {"1.1.0"}
+
+                publish("1.2.0", break_selftest=True)
+                hub_store.start_rollout(SEG_NAME, "1.2.0", canary=[edges["A"]["site"]], percent=50)
+                await sync_all()
+                assert hub_store.advance_rollout(SEG_NAME, "1.2.0") == "paused"
+                assert hub_store._rollout(SEG_NAME, "1.2.0")["reason"].startswith(
+                    edges["A"]["site"]
+                )
+                assert hub_store.advance_rollout(SEG_NAME, "1.2.0") == "paused"  # stays
+                await sync_all()
+                assert set(actives().values()) == {"1.1.0"}  # nobody runs the bad one
+
+                # ops roll 1.1.0 back everywhere: each site re-activates 1.0.0
+                assert hub_store.rollback_rollout(SEG_NAME, "1.1.0") == 4
+                await sync_all()
+                assert set(actives().values()) == {"1.0.0"}
+                reports = {
+                    (r["site_id"], r["status"])
+                    for r in hub_store.rollout_status()
+                    if r["version"] == "1.1.0"
+                }
+                assert {s for _, s in reports} == {"rolled_back"}
+            finally:
+                for e in edges.values():
+                    await e["hub"].close()
+                    e["store"].close()
+
+    asyncio.run(go())
