@@ -446,3 +446,23 @@ def test_full_outbox_holds_results_back_without_failing_or_dropping(
     assert app.inference.drain() == 1
     assert _study_state(app, mr.study_uid) == "DONE"
     assert app.store.query("SELECT count(*) FROM outbox WHERE state = 'PENDING'")[0][0] == 1
+
+
+def test_job_in_flight_finishes_on_the_version_it_started_with(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    """Activation of a new version between scheduling and running does not change the
+    version a job uses; the result names that exact version and sha256."""
+    app = _app(app_factory, tmp_path, [ref_models[SEG_NAME]])
+    v1 = app.registry.get(SEG_NAME, "1.0.0")
+    v2_pkg = _variant(ref_models[SEG_NAME], tmp_path / "v2", lambda m: m.update(version="1.1.0"))
+    ct = make_study(tmp_path / "ct", modality="CT", slices=2, size=64, seed="inflight")
+    assert storescu(app.listener.port, *ct.files).returncode == 0
+    _complete(app, clock)
+    app.inference.schedule()  # the job is bound to 1.0.0 now
+    v2 = app.registry.install(v2_pkg, activate=True)  # ops activate 1.1.0 meanwhile
+    assert v2.active
+    app.inference.drain()
+    (row,) = app.store.query("SELECT model_version, model_sha256 FROM results")
+    assert (row["model_version"], row["model_sha256"]) == ("1.0.0", v1.model_sha256)
+    assert v2.manifest_sha256 != v1.manifest_sha256
