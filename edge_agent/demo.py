@@ -43,6 +43,23 @@ def _tool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, env=env, check=False)
 
 
+def _storescu(
+    port: int, *files: object, aet: str = "STORESCU", options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu to the demo agent."""
+    return _tool(
+        "storescu",
+        *options,
+        "-aet",
+        aet,
+        "-aec",
+        "EDGE_DEMO",
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    )
+
+
 def _wait_settled(db: Path, timeout: float = 120.0) -> None:
     """Until no study is RECEIVING, COMPLETE or INFERRING (read-only look at the store)."""
     deadline = time.monotonic() + timeout
@@ -259,47 +276,18 @@ def run_demo(workdir: Path) -> int:
 
         _step("sending the CT and MR studies with storescu")
         for study in (ct, mr):
-            r = _tool(
-                "storescu",
-                "-aet",
-                "STORESCU",
-                "-aec",
-                "EDGE_DEMO",
-                "127.0.0.1",
-                str(port),
-                *map(str, study.files),
-            )
+            r = _storescu(port, *study.files)
             print(f"    {study.modality}: storescu exit {r.returncode}")
 
         _step("sending compressed instances (JPEG-LS lossless, JPEG 2000) from pydicom's test set")
         import pydicom.data
 
         for name, flag in (("MR_small_jpeg_ls_lossless.dcm", "-xt"), ("JPEG2000.dcm", "-xw")):
-            r = _tool(
-                "storescu",
-                "-R",
-                flag,
-                "-aet",
-                "STORESCU",
-                "-aec",
-                "EDGE_DEMO",
-                "127.0.0.1",
-                str(port),
-                str(pydicom.data.get_testdata_file(name)),
-            )
+            r = _storescu(port, pydicom.data.get_testdata_file(name), options=("-R", flag))
             print(f"    {name}: storescu exit {r.returncode}")
 
         _step("an unknown modality (AE title INTRUDER) tries to send: rejected")
-        r = _tool(
-            "storescu",
-            "-aet",
-            "INTRUDER",
-            "-aec",
-            "EDGE_DEMO",
-            "127.0.0.1",
-            str(port),
-            str(mr.files[0]),
-        )
+        r = _storescu(port, mr.files[0], aet="INTRUDER")
         print("    " + (r.stderr.strip().splitlines() or ["(no output)"])[-1])
 
         _step(
@@ -341,16 +329,7 @@ def run_demo(workdir: Path) -> int:
             patient_id="DEMO-MR-2",
             patient_name="DEMO^MR^TWO",
         )
-        r = _tool(
-            "storescu",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "EDGE_DEMO",
-            "127.0.0.1",
-            str(port),
-            *map(str, mr2.files),
-        )
+        r = _storescu(port, *mr2.files)
         print(f"    storescu exit {r.returncode}")
         _wait_settled(workdir / "data" / "edge.db")
         time.sleep(1.0)
@@ -376,16 +355,7 @@ def run_demo(workdir: Path) -> int:
             patient_id="DEMO-CT-1",
             patient_name="DEMO^CT",
         )
-        r = _tool(
-            "storescu",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "EDGE_DEMO",
-            "127.0.0.1",
-            str(port),
-            str(late.files[-1]),
-        )
+        r = _storescu(port, late.files[-1])
         print(f"    storescu exit {r.returncode}")
         cli_main(["studies", "--config", str(cfg), "--state", "RECEIVING"])
         _wait_settled(workdir / "data" / "edge.db")
