@@ -56,11 +56,11 @@ def _row(r: sqlite3.Row) -> InstalledModel:
     )
 
 
-def _insert(conn: sqlite3.Connection, *, m: InstalledModel, activate: bool) -> bool:
+def _insert(conn: sqlite3.Connection, *, m: InstalledModel, activate: bool | None) -> bool:
     has_active = conn.execute(
         "SELECT 1 FROM model_versions WHERE name = ? AND active = 1", (m.name,)
     ).fetchone()
-    make_active = activate or has_active is None
+    make_active = activate is True or (activate is None and has_active is None)
     if make_active:
         conn.execute("UPDATE model_versions SET active = 0 WHERE name = ?", (m.name,))
     conn.execute(
@@ -101,10 +101,11 @@ class Registry:
         self.models_dir = models_dir
         self._clock = clock
 
-    def install(self, source: Path, *, activate: bool = False) -> InstalledModel:
-        """Verify the package at ``source`` (folder or .tar) and install it. The first version
-        of a model becomes active; later ones only with ``activate``. Installing the same
-        version again with identical content is a no-op; with different content an error."""
+    def install(self, source: Path, *, activate: bool | None = None) -> InstalledModel:
+        """Verify the package at ``source`` (folder or .tar) and install it. ``activate``:
+        True = make it active, False = never here (the caller activates after its own checks),
+        None = only if the model has no active version yet. Installing the same version again
+        with identical content is a no-op; with different content an error."""
         staging = self.models_dir / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
         pkg = open_package(source, staging=staging)

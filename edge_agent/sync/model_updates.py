@@ -89,7 +89,10 @@ class ModelUpdater:
         self._staging = staging
         self._clock = clock
 
-    def _accepted_versions(self) -> dict[str, str]:
+    def _accepted_versions(self, applying: tuple[str, str]) -> dict[str, str]:
+        """Highest accepted version per model: decisions recorded here, and versions
+        installed otherwise, except ``applying`` itself (installed by an earlier attempt that
+        crashed before its decision was recorded: finishing it is not a rollback)."""
         best: dict[str, str] = {}
         for name, version in self._store.query(
             "SELECT name, version FROM model_updates WHERE status = ?", (ACCEPTED,)
@@ -97,6 +100,8 @@ class ModelUpdater:
             if name not in best or semver(version) > semver(best[name]):
                 best[name] = version
         for m in self._registry.installed():  # versions installed by hand count too
+            if (m.name, m.version) == applying:
+                continue
             if m.name not in best or semver(m.version) > semver(best[m.name]):
                 best[m.name] = m.version
         return best
@@ -155,7 +160,7 @@ class ModelUpdater:
                 str(assignment["document"]).encode(),
                 trusted=self._trusted,
                 threshold=self._threshold,
-                accepted_versions=self._accepted_versions(),
+                accepted_versions=self._accepted_versions((name, version)),
                 now=self._clock.now(),
             )
             rel = verified.release

@@ -263,7 +263,12 @@ class Uplink:
                 await self.drain()
                 if await self.pull() or self.after_pull_always:
                     for hook in self.after_pull:
-                        await hook()
+                        try:
+                            await hook()
+                        except (HubUnavailable, HubAuthError):
+                            raise
+                        except Exception:  # a hook's bug is not the hub being offline
+                            log.exception("after-pull hook failed; retrying next pass")
                 if self._clock.now() >= next_heartbeat and health is not None:
                     await self._client.heartbeat(health())
                     next_heartbeat = self._clock.now() + self.settings.heartbeat_interval_s
