@@ -328,7 +328,7 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 def _cmd_models_install(args: argparse.Namespace) -> int:
     store, reg = _registry(_load(args))
     try:
-        m = reg.install(args.package, activate=args.activate)
+        m = reg.install(args.package, activate=True if args.activate else None)
     finally:
         store.close()
     print(f"installed {m.name} {m.version} ({m.task})" + (", active" if m.active else ""))
