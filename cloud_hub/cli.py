@@ -19,8 +19,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloud_hub import __version__
+
+if TYPE_CHECKING:
+    from cloud_hub.db import HubStore
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -162,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _store(url: str):  # type: ignore[no-untyped-def]
+def _store(url: str) -> HubStore:
     from cloud_hub.db import HubStore, connect
 
     return HubStore(connect(url))
