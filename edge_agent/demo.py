@@ -77,7 +77,11 @@ def _wait_settled(db: Path, timeout: float = 120.0) -> None:
     print("    (gave up waiting; showing what there is)")
 
 
-def _start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_hub(
+    db: Path, port: int, log: Path, artifact_dir: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``cloud-hub run`` on SQLite ``db`` as a child process (output appended to ``log``);
+    returns once /healthz answers. Raises RuntimeError if it exits or takes over 30 s."""
     with log.open("ab") as fh:
         proc = subprocess.Popen(
             [
@@ -89,18 +93,21 @@ def _start_hub(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
                 f"sqlite:///{db}",
                 "--port",
                 str(port),
+                "--artifact-dir",
+                str(artifact_dir or db.parent / "artifacts"),
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
                 return proc
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"the hub did not start; see {log}")
+    proc.kill()
+    raise RuntimeError(f"the hub did not start; see {log}:\n{log.read_text()[-2000:]}")
 
 
 def _hub_result_keys(credential_file: Path) -> list[str]:
@@ -229,7 +236,7 @@ def run_demo(workdir: Path) -> int:
     hub_port, hub_db = _free_port(), workdir / "hub.db"
     hub_url = f"http://127.0.0.1:{hub_port}"
     _step(f"starting the cloud hub (cloud-hub run, SQLite, {hub_url}) and enrolling this site")
-    hub = _start_hub(hub_db, hub_port, workdir / "hub.log")
+    hub = start_hub(hub_db, hub_port, workdir / "hub.log")
     token = subprocess.run(
         [
             sys.executable,
@@ -336,7 +343,7 @@ def run_demo(workdir: Path) -> int:
         cli_main(["sync", "status", "--config", str(cfg)])
 
         _step("the hub comes back: the backlog drains, nothing lost, nothing twice")
-        hub = _start_hub(hub_db, hub_port, workdir / "hub.log")
+        hub = start_hub(hub_db, hub_port, workdir / "hub.log")
         _wait_synced(workdir / "data" / "edge.db")
         after = _hub_result_keys(workdir / "data" / "sync-credential.json")
         print(

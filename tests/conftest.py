@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,36 +269,9 @@ def start_hub(
     db: Path, port: int, log: Path, artifact_dir: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """``cloud-hub run`` on SQLite ``db`` as a child process; waits for /healthz."""
-    import sys
-    import time
-    import urllib.request
+    from edge_agent.demo import start_hub as start
 
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloud_hub",
-                "run",
-                "--database-url",
-                f"sqlite:///{db}",
-                "--port",
-                str(port),
-                "--artifact-dir",
-                str(artifact_dir or db.parent / "artifacts"),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "hub did not start"
-            time.sleep(0.1)
+    return start(db, port, log, artifact_dir)
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -339,3 +313,62 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+@dataclass
+class ReleaseRig:
+    """A signed release published at a running hub, and an enrolled agent folder whose
+    config pins the ops key and polls the hub every second (the agent is not started)."""
+
+    release: Any
+    hub: subprocess.Popen[bytes]
+    hub_store: Any
+    cred: Any
+    cfg: Path
+    root: Path
+    port: int
+    key_id: str
+
+
+def release_rig(tmp_path: Path, package: Path, ae_title: str) -> ReleaseRig:
+    import asyncio
+
+    from cloud_hub.db import HubStore, connect
+    from cloud_hub.ops import add_signature, keygen, load_private, make_release
+    from edge_agent.cli import main as cli
+    from edge_agent.sync.client import enroll
+
+    kid = keygen(tmp_path / "ops.key", b"correct horse battery")
+    rel, archive, doc = make_release(package, tmp_path / "rel")
+    add_signature(doc, load_private(tmp_path / "ops.key", b"correct horse battery"))
+    hub_db, hub_port = tmp_path / "hub.db", free_port()
+    hub_store = HubStore(connect(f"sqlite:///{hub_db}"))
+    hub_store.publish(doc.read_bytes(), archive.read_bytes(), tmp_path / "artifacts")
+    token = hub_store.create_enrollment_token(ae_title)
+    hub = start_hub(hub_db, hub_port, tmp_path / "hub.log", artifact_dir=tmp_path / "artifacts")
+    port, root = free_port(), tmp_path / "agent"
+    assert (
+        cli(
+            [
+                "init",
+                str(root),
+                "--port",
+                str(port),
+                "--bind-address",
+                "127.0.0.1",
+                "--ae-title",
+                ae_title,
+                "--min-free-mb",
+                "0",
+            ]
+        )
+        == 0
+    )
+    cfg = root / "edge-agent.toml"
+    text = cfg.read_text().replace(
+        "trusted_keys = []", f'trusted_keys = ["{tmp_path / "ops.key.pub"}"]'
+    )
+    cfg.write_text(text.replace("heartbeat_interval_s = 60.0", "heartbeat_interval_s = 1.0"))
+    cred = asyncio.run(enroll(f"http://127.0.0.1:{hub_port}", token))
+    cred.save(root / "data" / "sync-credential.json")
+    return ReleaseRig(rel, hub, hub_store, cred, cfg, root, port, kid)

@@ -149,51 +149,22 @@ def test_running_agent_installs_an_assigned_release(tmp_path: Path) -> None:
     import sqlite3
     import time
 
-    from cloud_hub.ops import add_signature, keygen, load_private
-    from edge_agent.cli import main as cli
-    from edge_agent.sync.client import enroll
-    from tests.conftest import free_port, start_agent, start_hub, wait_ready
+    from tests.conftest import release_rig, start_agent, wait_ready
 
     base = next(
         r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
     )
-    kid = keygen(tmp_path / "ops.key", b"correct horse battery")
-    rel, archive, doc = make_release(base, tmp_path / "rel")
-    add_signature(doc, load_private(tmp_path / "ops.key", b"correct horse battery"))
-    hub_db, hub_port = tmp_path / "hub.db", free_port()
-    hub_store = HubStore(connect(f"sqlite:///{hub_db}"))
-    hub_store.publish(doc.read_bytes(), archive.read_bytes(), tmp_path / "artifacts")
-    token = hub_store.create_enrollment_token("rollout")
-    hub = start_hub(hub_db, hub_port, tmp_path / "hub.log", artifact_dir=tmp_path / "artifacts")
-    port, root = free_port(), tmp_path / "agent"
-    assert (
-        cli(
-            [
-                "init",
-                str(root),
-                "--port",
-                str(port),
-                "--bind-address",
-                "127.0.0.1",
-                "--ae-title",
-                "EDGE_ROLL",
-                "--min-free-mb",
-                "0",
-            ]
-        )
-        == 0
+    rig = release_rig(tmp_path, base, "EDGE_ROLL")
+    rel, hub, hub_store, cred, cfg, root, port, kid = (
+        rig.release,
+        rig.hub,
+        rig.hub_store,
+        rig.cred,
+        rig.cfg,
+        rig.root,
+        rig.port,
+        rig.key_id,
     )
-    cfg = root / "edge-agent.toml"
-    cfg.write_text(
-        cfg.read_text().replace(
-            "trusted_keys = []", f'trusted_keys = ["{tmp_path / "ops.key.pub"}"]'
-        )
-    )
-    cred = asyncio.run(enroll(f"http://127.0.0.1:{hub_port}", token))
-    cred.save(root / "data" / "sync-credential.json")
-    cfg.write_text(
-        cfg.read_text().replace("heartbeat_interval_s = 60.0", "heartbeat_interval_s = 1.0")
-    )  # poll the feed
     agent = start_agent(cfg, root / "agent.log")
     try:
         wait_ready(port, "EDGE_ROLL", agent, root / "agent.log")
