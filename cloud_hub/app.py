@@ -29,12 +29,12 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
 from aiohttp import web
 
+from cloud_hub.artifacts import FolderArtifacts, S3Artifacts, open_artifacts, parse_range
 from cloud_hub.db import AuthError, HubStore, connect
 from hub_protocol import PROTOCOL_VERSIONS, ProtocolError, PushBatch
 
@@ -46,8 +46,9 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True, kw_only=True)
 class HubConfig:
     """``database_url``: SQLAlchemy URL (``sqlite:///hub.db`` by default,
-    ``postgresql+psycopg://user@host/db`` in production). ``ops_token``: bearer token for the
-    fleet view and enrollment-token creation over HTTP (empty = disabled)."""
+    ``postgresql+psycopg://user@host/db`` in production). ``artifact_dir``: release archives,
+    a folder or ``s3://bucket/prefix`` (:mod:`cloud_hub.artifacts`). ``ops_token``: bearer
+    token for the fleet view and enrollment-token creation over HTTP (empty = disabled)."""
 
     database_url: str = "sqlite:///hub.db"
     artifact_dir: str = "artifacts"
@@ -57,6 +58,7 @@ class HubConfig:
 
 
 STORE = web.AppKey("store", HubStore)
+ARTIFACTS: web.AppKey[FolderArtifacts | S3Artifacts] = web.AppKey("artifacts")
 CONFIG = web.AppKey("config", HubConfig)
 SITE = web.RequestKey("site_id", str)
 
@@ -183,15 +185,42 @@ async def resolve_conflict(request: web.Request) -> web.Response:
 
 
 async def artifact(request: web.Request) -> web.StreamResponse:
-    """A release archive by SHA-256; aiohttp's FileResponse answers Range requests, so an
-    interrupted download resumes where it stopped."""
+    """A release archive by SHA-256, answering single-range requests (206), so an
+    interrupted download resumes where it stopped. From a folder: aiohttp's FileResponse
+    (sendfile); from a bucket: streamed through the hub in ranged reads."""
     sha = request.match_info["sha256"]
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         return error(400, "bad_request", "not a SHA-256")
-    path = Path(request.app[CONFIG].artifact_dir) / sha
-    if not path.is_file():
+    store = request.app[ARTIFACTS]
+    if isinstance(store, FolderArtifacts):
+        path = store.path(sha)
+        if not path.is_file():
+            return error(404, "not_found", "no such artifact")
+        return web.FileResponse(path, headers={"Content-Type": "application/x-tar"})
+    size = await asyncio.to_thread(store.size, sha)
+    if size is None:
         return error(404, "not_found", "no such artifact")
-    return web.FileResponse(path, headers={"Content-Type": "application/x-tar"})
+    try:
+        wanted = parse_range(request.headers.get("Range"), size)
+    except ValueError as exc:
+        refused = error(416, "range_not_satisfiable", str(exc))
+        refused.headers["Content-Range"] = f"bytes */{size}"
+        return refused
+    start, end = wanted or (0, size)
+    headers = {
+        "Content-Type": "application/x-tar",
+        "Accept-Ranges": "bytes",
+        "Content-Length": str(end - start),
+    }
+    if wanted is not None:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    resp = web.StreamResponse(status=206 if wanted else 200, headers=headers)
+    await resp.prepare(request)
+    chunks = store.read(sha, start, end)
+    while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+        await resp.write(block)
+    await resp.write_eof()
+    return resp
 
 
 async def model_status(request: web.Request) -> web.Response:
@@ -229,6 +258,7 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     """The hub application; the database is opened (and migrated) in ``cleanup_ctx``."""
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
+    app[ARTIFACTS] = open_artifacts(config.artifact_dir)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         s = store or HubStore(await asyncio.to_thread(connect, config.database_url))

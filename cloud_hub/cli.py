@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(run)
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8443)
-    run.add_argument("--artifact-dir", default=os.environ.get("HUB_ARTIFACT_DIR", "artifacts"))
+    run.add_argument(
+        "--artifact-dir",
+        default=os.environ.get("HUB_ARTIFACT_DIR", "artifacts"),
+        help="release archives: a folder, or s3://bucket/prefix (endpoint: HUB_S3_ENDPOINT_URL)",
+    )
     run.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     run.add_argument("--tls-key", help="PEM private key for --tls-cert")
     run.set_defaults(func=_cmd_run)
@@ -91,7 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(pb)
     pb.add_argument("document", type=Path)
     pb.add_argument("archive", type=Path)
-    pb.add_argument("--artifact-dir", default=os.environ.get("HUB_ARTIFACT_DIR", "artifacts"))
+    pb.add_argument(
+        "--artifact-dir",
+        default=os.environ.get("HUB_ARTIFACT_DIR", "artifacts"),
+        help="release archives: a folder, or s3://bucket/prefix (endpoint: HUB_S3_ENDPOINT_URL)",
+    )
     pb.set_defaults(func=_cmd_publish)
     asg = msub.add_parser("assign", help="send a published release to sites")
     _db_arg(asg)
@@ -99,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     asg.add_argument("version")
     asg.add_argument("--site", action="append", default=[])
     asg.add_argument("--all", action="store_true", help="every enrolled site")
+    asg.add_argument(
+        "--shadow",
+        action="store_true",
+        help="run it beside the active version without publishing; sites report agreement",
+    )
     asg.set_defaults(func=_cmd_assign)
     ro = msub.add_parser("rollout", help="staged rollout: start, advance, pause, rollback")
     rosub = ro.add_subparsers(title="rollout commands", metavar="ACTION")
@@ -313,7 +326,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     rel = _store(args.database_url).publish(
-        args.document.read_bytes(), args.archive.read_bytes(), Path(args.artifact_dir)
+        args.document.read_bytes(), args.archive.read_bytes(), args.artifact_dir
     )
     print(f"published {rel.name} {rel.version} (archive {rel.archive_sha256[:16]}...)")
     return EXIT_OK
@@ -324,8 +337,9 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     sites = [s["site_id"] for s in store.list_sites()] if args.all else args.site
     if not sites:
         raise ValueError("name sites with --site, or --all")
-    n = store.assign(args.name, args.version, sites)
-    print(f"{args.name} {args.version} assigned to {n} site(s)")
+    n = store.assign(args.name, args.version, sites, shadow=args.shadow)
+    mode = " as a shadow" if args.shadow else ""
+    print(f"{args.name} {args.version} assigned{mode} to {n} site(s)")
     return EXIT_OK
 
 
@@ -335,8 +349,8 @@ def _cmd_model_status(args: argparse.Namespace) -> int:
         print("no install reports yet")
     for r in rows:
         print(
-            f"{r['site_id']:<22} {r['name']} {r['version']:<10} {r['status']:<10} "
-            f"{r['detail'][:80]}"
+            f"{r['site_id']:<22} {r['name']} {r['version']:<10} {r['status']:<16} "
+            f"{r['detail'][:120]}"
         )
     return EXIT_OK
 

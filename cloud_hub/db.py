@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from cloud_hub.artifacts import ArtifactStore, open_artifacts
 from hub_protocol import (
     HLC,
     Lane,
@@ -148,6 +149,14 @@ assignments = sa.Table(
     sa.Column("version", sa.String(64), nullable=False),
     sa.Column("assigned_at", sa.Float, nullable=False),
 )
+shadow_assignments = sa.Table(  # versions sites run beside the active one, publishing nothing
+    "shadow_assignments",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("assigned_at", sa.Float, nullable=False),
+)
 install_status = sa.Table(
     "install_status",
     metadata,
@@ -177,6 +186,7 @@ MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
     ("0002_conflicts", (conflict_queue,)),
     ("0003_releases", (releases, assignments, install_status)),
     ("0004_rollouts", (rollouts,)),
+    ("0005_shadow_assignments", (shadow_assignments,)),
 )
 
 #: Record types -> the data type whose conflict rule applies.
@@ -544,20 +554,23 @@ class HubStore:
     # -- model releases ---------------------------------------------------------------------
 
     def publish(
-        self, document: bytes, archive: bytes, artifact_dir: Path, *, now: float | None = None
+        self,
+        document: bytes,
+        archive: bytes,
+        artifacts: Path | str | ArtifactStore,
+        *,
+        now: float | None = None,
     ) -> Release:
-        """Store a signed release and its archive (content-addressed under ``artifact_dir``).
-        The hub checks the archive against the signed size and hash so it never serves
-        garbage, but trust is decided by the edges, which verify the signatures."""
+        """Store a signed release and its archive (content-addressed in ``artifacts``: a
+        folder, ``s3://bucket/prefix``, or a store). The hub checks the archive against the
+        signed size and hash so it never serves garbage, but trust is decided by the edges,
+        which verify the signatures."""
         doc = json.loads(document)
         release = Release.from_json(doc["signed"])
         verify_archive(archive, release)
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-        path = artifact_dir / release.archive_sha256
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(archive)
-            tmp.replace(path)
+        if isinstance(artifacts, (str, Path)):
+            artifacts = open_artifacts(artifacts)
+        artifacts.put(release.archive_sha256, archive)
         with self.engine.begin() as conn:
             exists = conn.execute(
                 sa.select(releases.c.archive_sha256).where(
@@ -588,9 +601,17 @@ class HubStore:
         return release
 
     def assign(
-        self, name: str, version: str, site_ids: Sequence[str], *, now: float | None = None
+        self,
+        name: str,
+        version: str,
+        site_ids: Sequence[str],
+        *,
+        shadow: bool = False,
+        now: float | None = None,
     ) -> int:
-        """Assign a published release to sites; each gets it through its change feed."""
+        """Assign a published release to sites; each gets it through its change feed.
+        ``shadow``: the sites run it beside their active version without publishing its
+        results, and report how far the two agree; assigning it normally later promotes it."""
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
             rel = (
@@ -604,16 +625,11 @@ class HubStore:
             )
             if rel is None:
                 raise KeyError(f"{name} {version} is not published")
+            table = shadow_assignments if shadow else assignments
             for site in site_ids:
+                conn.execute(table.delete().where(table.c.site_id == site, table.c.name == name))
                 conn.execute(
-                    assignments.delete().where(
-                        assignments.c.site_id == site, assignments.c.name == name
-                    )
-                )
-                conn.execute(
-                    assignments.insert().values(
-                        site_id=site, name=name, version=version, assigned_at=now
-                    )
+                    table.insert().values(site_id=site, name=name, version=version, assigned_at=now)
                 )
                 self._change(
                     conn,
@@ -628,6 +644,7 @@ class HubStore:
                         "document": rel["document"],
                         "archive": f"/v1/artifacts/{rel['archive_sha256']}",
                         "archive_size": rel["archive_size"],
+                        "mode": "shadow" if shadow else "active",
                     },
                 )
         return len(site_ids)

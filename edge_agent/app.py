@@ -31,7 +31,7 @@ from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
 from edge_agent.sync import outbox
 from edge_agent.sync.client import Credential, HttpHubClient
-from edge_agent.sync.model_updates import ModelUpdater
+from edge_agent.sync.model_updates import ModelUpdater, WatchSettings
 from edge_agent.sync.state import load_hlc
 from edge_agent.sync.uplink import Uplink, UplinkSettings
 from hub_protocol import HybridClock
@@ -115,6 +115,7 @@ class EdgeApp:
         )
         self.inference.recover()
         self.uplink: Uplink | None = None
+        self.updater: ModelUpdater | None = None
         cred_path = cfg.sync.credential_path(s.data_dir)
         if cred_path.exists():
             sy = cfg.sync
@@ -134,7 +135,8 @@ class EdgeApp:
             )
             if sy.trusted_keys:  # model releases from ops, verified against pinned keys
                 keys = [load_public_key(Path(k)) for k in sy.trusted_keys]
-                updater = ModelUpdater(
+                inf = cfg.inference
+                self.updater = ModelUpdater(
                     store=self.store,
                     registry=self.registry,
                     source=client,
@@ -142,8 +144,14 @@ class EdgeApp:
                     threshold=sy.release_threshold,
                     staging=cfg.models_dir() / ".downloads",
                     clock=self.clock,
+                    watch=WatchSettings(
+                        max_error_rate=inf.rollback_error_rate,
+                        window_jobs=inf.rollback_window_jobs,
+                        min_jobs=inf.rollback_min_jobs,
+                    ),
+                    metrics=self.metrics,
                 )
-                self.uplink.after_pull.append(updater.check)
+                self.uplink.after_pull.append(self.updater.check)
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
         )
@@ -252,6 +260,13 @@ class EdgeApp:
 
             self.inference.on_result = wake_uplink
             uplink = asyncio.create_task(up.run(stop, health=self.health), name="uplink")
+        watch = (
+            asyncio.create_task(
+                self.updater.run_watch(stop, self.cfg.inference.check_interval_s), name="watch"
+            )
+            if self.updater is not None
+            else None
+        )
         log.info("edge agent ready", extra={"port": self.listener.port})
         try:
             await stop.wait()
@@ -265,6 +280,8 @@ class EdgeApp:
             await forwarder
             if uplink is not None:
                 await uplink
+            if watch is not None:
+                await watch
             await asyncio.to_thread(self.inference.close)
             await asyncio.to_thread(self.close)
             log.info("edge agent stopped", extra={"aborted_associations": aborted})

@@ -26,7 +26,7 @@ from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, EdgeError
 
 if TYPE_CHECKING:
-    from edge_agent.inference.registry import Registry
+    from edge_agent.inference.registry import InstalledModel, Registry
     from edge_agent.store import Store
 
 CONFIG_NAME = "edge-agent.toml"
@@ -309,19 +309,29 @@ def _registry(cfg: Config) -> tuple[Store, Registry]:
 def _cmd_models_list(args: argparse.Namespace) -> int:
     store, reg = _registry(_load(args))
     try:
-        models = reg.installed()
+        return _print_models(args, store, reg.installed())
     finally:
         store.close()
+
+
+def _print_models(args: argparse.Namespace, store: Store, models: list[InstalledModel]) -> int:
     if args.json:
         print(json.dumps([m.__dict__ for m in models], indent=2))
     elif not models:
         print("no models installed (edge-agent models install PACKAGE)")
     for m in [] if args.json else models:
-        mark = "*" if m.active else " "
+        mark = "*" if m.active else ("s" if m.shadow else " ")
         print(
             f"{mark} {m.name:<24} {m.version:<12} {m.task:<15} model sha256 "
             f"{m.model_sha256[:16]}  installed {_fmt_time(m.installed_at)}"
         )
+        if m.shadow:
+            from edge_agent.inference.shadow import agreement
+
+            with store.read() as conn:
+                print(f"    {agreement(conn, m.name, m.version).summary()}")
+    if models and not args.json:
+        print("(* active, s shadow: runs beside the active version, publishes nothing)")
     return EXIT_OK
 
 

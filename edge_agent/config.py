@@ -159,6 +159,12 @@ class InferenceConfig:
     CPU threads per session (0 = its default). ``models_dir``: installed packages
     (relative = inside ``storage.data_dir``). ``max_attempts``: a job that crashed the runner
     this many times is FAILED.
+
+    A version activated by a model update is watched: when more than ``rollback_error_rate``
+    of its last ``rollback_window_jobs`` finished jobs (at least ``rollback_min_jobs``) FAILED,
+    the previous version is re-activated, the failed series re-run on it and ops told.
+    ``shadow_agreement``: the score (Dice or top-1 match) at which a shadow version's series
+    counts as agreeing with the active one.
     """
 
     enabled: bool = True
@@ -169,6 +175,10 @@ class InferenceConfig:
     models_dir: str = "models"
     max_attempts: int = 2
     check_interval_s: float = 0.5
+    rollback_error_rate: float = 0.5
+    rollback_window_jobs: int = 20
+    rollback_min_jobs: int = 5
+    shadow_agreement: float = 0.9
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -571,6 +581,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("inference.max_attempts", "must be 1..10")
     if not 0 < inf.check_interval_s <= 60:
         raise ConfigError("inference.check_interval_s", "must be in (0, 60] seconds")
+    if not 0 <= inf.rollback_error_rate < 1:
+        raise ConfigError("inference.rollback_error_rate", "must be in [0, 1)")
+    if not 1 <= inf.rollback_window_jobs <= 10000:
+        raise ConfigError("inference.rollback_window_jobs", "must be 1..10000")
+    if not 1 <= inf.rollback_min_jobs <= inf.rollback_window_jobs:
+        raise ConfigError(
+            "inference.rollback_min_jobs", "must be 1..inference.rollback_window_jobs"
+        )
+    if not 0 < inf.shadow_agreement <= 1:
+        raise ConfigError("inference.shadow_agreement", "must be in (0, 1]")
 
     res = cfg.results
     _check_ae("results.calling_ae_title", res.calling_ae_title)

@@ -19,6 +19,8 @@ class Metrics:
     studies_reopened: Counter
     inference_jobs: Counter
     inference_seconds: Histogram
+    shadow_runs: Counter
+    model_rollbacks: Counter
     sync_connectivity: Gauge
     outbox_depth: Gauge
     outbox_oldest_seconds: Gauge
@@ -91,6 +93,18 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Job time (load, preprocess, run, postprocess)",
             ["model", "provider"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=reg,
+        ),
+        shadow_runs=Counter(
+            "edge_shadow_runs_total",
+            "Series a shadow model version also ran on, by outcome (agree, disagree)",
+            ["model", "outcome"],
+            registry=reg,
+        ),
+        model_rollbacks=Counter(
+            "edge_model_rollbacks_total",
+            "Model versions rolled back, by trigger (error_rate, ops)",
+            ["model", "trigger"],
             registry=reg,
         ),
     )

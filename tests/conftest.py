@@ -70,6 +70,17 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def ref_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The reference model packages (built in code once per run), by model name."""
+    from edge_agent.inference.reference_models import build_reference_packages
+
+    return {
+        r.name.rsplit("-", 1)[0]: r
+        for r in build_reference_packages(tmp_path_factory.mktemp("ref"))
+    }
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

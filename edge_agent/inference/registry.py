@@ -36,6 +36,8 @@ class InstalledModel:
     installed_at: float
     active: bool
     manifest_json: str = ""
+    shadow: bool = False
+    activated_at: float | None = None
 
     def manifest(self) -> Manifest:
         """The manifest recorded at install time (for routing; execution re-verifies files)."""
@@ -53,6 +55,8 @@ def _row(r: sqlite3.Row) -> InstalledModel:
         installed_at=r["installed_at"],
         active=bool(r["active"]),
         manifest_json=r["manifest"],
+        shadow=bool(r["shadow"]),
+        activated_at=r["activated_at"],
     )
 
 
@@ -65,7 +69,7 @@ def _insert(conn: sqlite3.Connection, *, m: InstalledModel, activate: bool | Non
         conn.execute("UPDATE model_versions SET active = 0 WHERE name = ?", (m.name,))
     conn.execute(
         "INSERT INTO model_versions (name, version, task, manifest_sha256, model_sha256, path,"
-        " manifest, installed_at, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " manifest, installed_at, active, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             m.name,
             m.version,
@@ -76,12 +80,13 @@ def _insert(conn: sqlite3.Connection, *, m: InstalledModel, activate: bool | Non
             m.manifest_json,
             m.installed_at,
             int(make_active),
+            m.installed_at if make_active else None,
         ),
     )
     return make_active
 
 
-def _activate(conn: sqlite3.Connection, *, name: str, version: str) -> None:
+def set_active(conn: sqlite3.Connection, *, name: str, version: str, now: float) -> None:
     if (
         conn.execute(
             "SELECT 1 FROM model_versions WHERE name = ? AND version = ?", (name, version)
@@ -91,7 +96,25 @@ def _activate(conn: sqlite3.Connection, *, name: str, version: str) -> None:
         raise RegistryError(f"{name} {version} is not installed")
     conn.execute("UPDATE model_versions SET active = 0 WHERE name = ?", (name,))
     conn.execute(
-        "UPDATE model_versions SET active = 1 WHERE name = ? AND version = ?", (name, version)
+        "UPDATE model_versions SET active = 1, shadow = 0, activated_at = ? "
+        "WHERE name = ? AND version = ?",
+        (now, name, version),
+    )
+
+
+def _set_shadow(conn: sqlite3.Connection, *, name: str, version: str | None) -> None:
+    conn.execute("UPDATE model_versions SET shadow = 0 WHERE name = ?", (name,))
+    if version is None:
+        return
+    row = conn.execute(
+        "SELECT active FROM model_versions WHERE name = ? AND version = ?", (name, version)
+    ).fetchone()
+    if row is None:
+        raise RegistryError(f"{name} {version} is not installed")
+    if row[0]:
+        raise RegistryError(f"{name} {version} is the active version; it cannot be its shadow")
+    conn.execute(
+        "UPDATE model_versions SET shadow = 1 WHERE name = ? AND version = ?", (name, version)
     )
 
 
@@ -144,8 +167,18 @@ class Registry:
         return InstalledModel(**{**model.__dict__, "active": active})
 
     def activate(self, name: str, version: str) -> None:
-        """Make ``version`` the active one of ``name`` (atomically)."""
-        self._store.writer.call(partial(_activate, name=name, version=version))
+        """Make ``version`` the active one of ``name`` (atomically; it stops being a shadow)."""
+        self._store.writer.call(
+            partial(set_active, name=name, version=version, now=self._clock.now())
+        )
+
+    def set_shadow(self, name: str, version: str | None) -> None:
+        """Make ``version`` the shadow of ``name`` (replacing any other); None = no shadow."""
+        self._store.writer.call(partial(_set_shadow, name=name, version=version))
+
+    def shadows(self) -> dict[str, InstalledModel]:
+        """The shadow version of each model that has one."""
+        return {m.name: m for m in self.installed() if m.shadow}
 
     def get(self, name: str, version: str) -> InstalledModel | None:
         rows = self._store.query(

@@ -266,6 +266,70 @@ def recover_jobs(conn: sqlite3.Connection, *, max_attempts: int, now: float) -> 
     return requeued, failed
 
 
+def job_outcomes(
+    conn: sqlite3.Connection, *, name: str, version: str, since: float, last: int
+) -> tuple[int, int]:
+    """(finished, failed) among the ``last`` jobs of ``name`` ``version`` that finished (DONE
+    or FAILED) at or after ``since``."""
+    rows = conn.execute(
+        "SELECT state FROM inference_jobs WHERE model_name = ? AND model_version = ? "
+        "AND state IN (?, ?) AND finished_at >= ? ORDER BY finished_at DESC, id DESC LIMIT ?",
+        (name, version, JobState.DONE.value, JobState.FAILED.value, since, last),
+    ).fetchall()
+    return len(rows), sum(1 for r in rows if r[0] == JobState.FAILED.value)
+
+
+def rerun_on(
+    conn: sqlite3.Connection, *, name: str, bad: str, good: str, since: float, now: float
+) -> int:
+    """After ``bad`` was rolled back to ``good``: its PENDING jobs move to ``good``, and each
+    series it FAILED since ``since`` gets a new job on ``good`` in the same round (the failed
+    job is CANCELLED with the reason kept; its FAILED study goes back to INFERRING). A study
+    re-opened since then is left alone: its new round runs on the active version anyway.
+    Returns how many series re-run."""
+    conn.execute(
+        "UPDATE inference_jobs SET model_version = ? WHERE model_name = ? AND model_version = ? "
+        "AND state = ?",
+        (good, name, bad, JobState.PENDING.value),
+    )
+    rows = conn.execute(
+        "SELECT j.id, j.study_uid, j.series_uid, j.round, s.state AS study_state, s.reopen_count "
+        "FROM inference_jobs j JOIN studies s USING (study_uid) WHERE j.model_name = ? "
+        "AND j.model_version = ? AND j.state = ? AND j.finished_at >= ? ORDER BY j.id",
+        (name, bad, JobState.FAILED.value, since),
+    ).fetchall()
+    n = 0
+    for r in rows:
+        if int(r["reopen_count"]) != int(r["round"]) or r["study_state"] not in (
+            StudyState.FAILED.value,
+            StudyState.INFERRING.value,
+        ):
+            continue
+        conn.execute(
+            "UPDATE inference_jobs SET state = ?, error = ? || coalesce(error, '') WHERE id = ?",
+            (JobState.CANCELLED.value, f"re-run on {good} after {bad} was rolled back; ", r["id"]),
+        )
+        conn.execute(
+            "INSERT INTO inference_jobs (study_uid, series_uid, model_name, model_version, state,"
+            " round, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (r["study_uid"], r["series_uid"], name, good, JobState.PENDING.value, r["round"], now),
+        )
+        state = conn.execute(
+            "SELECT state FROM studies WHERE study_uid = ?", (r["study_uid"],)
+        ).fetchone()[0]
+        if state == StudyState.FAILED.value:
+            _event(
+                conn,
+                r["study_uid"],
+                now,
+                StudyState.FAILED,
+                StudyState.INFERRING,
+                f"re-run on {name} {good} after {bad} was rolled back",
+            )
+        n += 1
+    return n
+
+
 def series_instances(conn: sqlite3.Connection, series_uid: str) -> list[tuple[str, str, str]]:
     """(sop_instance_uid, tier, path) of the latest version of each instance of a series."""
     return [

@@ -33,6 +33,8 @@ from edge_agent.inference.preprocess import frames, preprocess_frame
 from edge_agent.inference.registry import InstalledModel, Registry, RegistryError
 from edge_agent.inference.routing import SeriesFacts, matches
 from edge_agent.inference.runner import PROVIDERS, ModelRunner
+from edge_agent.inference.shadow import record_run
+from edge_agent.inference.shadow import score as shadow_score
 from edge_agent.inference.store import (
     claim_job,
     complete_studies,
@@ -212,8 +214,11 @@ class InferenceWorker:
 
         return sorted(dss, key=order)
 
-    def execute(self, job: Job, device: int) -> tuple[Result, list[ResultObject]]:
-        """Run one claimed job; raises on failure (classified by the caller)."""
+    def execute(
+        self, job: Job, device: int
+    ) -> tuple[Result, list[ResultObject], tuple[list[np.ndarray], np.ndarray]]:
+        """Run one claimed job; raises on failure (classified by the caller). Also returns
+        the model's (inputs, output), for a shadow version to be compared against."""
         model = self._registry.get(job.model_name, job.model_version)
         if model is None:
             raise RegistryError(f"{job.model_name} {job.model_version} is no longer installed")
@@ -263,7 +268,52 @@ class InferenceWorker:
                     objects.append(write_object(data_dir, result.result_id, "SEG", seg))
             unique = list({id(d): d for d in dss}.values())
             objects.append(write_object(data_dir, result.result_id, "SR", make_sr(result, unique)))
-        return result, objects
+        return result, objects, (items, out)
+
+    def _shadow(
+        self, job: Job, device: int, active_items: list[np.ndarray], active_out: np.ndarray
+    ) -> None:
+        """Run the model's shadow version (if any) on the series the active one just ran on,
+        and record how far they agree. Nothing the shadow computes is published; its failure
+        is recorded as a disagreement and never affects the job."""
+        shadow = self._registry.shadows().get(job.model_name)
+        if shadow is None or shadow.version == job.model_version:
+            return
+        active = self._registry.get(job.model_name, job.model_version)
+        if active is None:
+            return
+        error: str | None = None
+        value = 0.0
+        try:
+            runner = self._runner(shadow, device)
+            a_manifest = active.manifest()
+            if runner.manifest.preprocessing == a_manifest.preprocessing:
+                items = active_items
+            else:
+                items = [
+                    preprocess_frame(ds, frame, runner.manifest.preprocessing)
+                    for ds in self._load_series(job.series_uid)
+                    for frame in frames(ds)
+                ]
+            out, _ = runner.infer(items)
+            value = shadow_score(a_manifest, active_out, runner.manifest, out)
+        except Exception as exc:  # a broken candidate is data for ops, not an agent failure
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        agree = error is None and value >= self._inf.shadow_agreement
+        self._store.writer.call(
+            partial(
+                record_run,
+                job_id=job.id,
+                name=job.model_name,
+                active_version=job.model_version,
+                shadow_version=shadow.version,
+                score_=value,
+                agree=agree,
+                error=error,
+                now=self._clock.now(),
+            )
+        )
+        self._metrics.shadow_runs.labels(job.model_name, "agree" if agree else "disagree").inc()
 
     def run_one(self, device: int = CPU_DEVICE) -> bool:
         """Claim and run one job on ``device``; False if there was none."""
@@ -272,7 +322,7 @@ class InferenceWorker:
             return False
         started = time.perf_counter()
         try:
-            result, objects = self.execute(job, device)
+            result, objects, (items, out) = self.execute(job, device)
         except (PermanentError, UntrustedError) as exc:
             self._fail(job, f"{type(exc).__name__}: {exc}", retry=False)
         except Exception as exc:  # anything else may be transient: retry up to the limit
@@ -319,6 +369,7 @@ class InferenceWorker:
                     "inference_ms": round(result.inference_ms, 1),
                 },
             )
+            self._shadow(job, device, items, out)
         return True
 
     def _finish(self, job: Job, result: Result, objects: list[ResultObject]) -> None:

@@ -271,6 +271,36 @@ MIGRATIONS: Sequence[Migration] = (
         );
         """,
     ),
+    Migration(
+        "0007_model_watch",
+        """
+        -- shadow: installed and self-tested, runs beside the active version on live series,
+        -- publishes nothing (at most one per model); activated_at: start of the error-rate
+        -- window of the active version
+        ALTER TABLE model_versions ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE model_versions ADD COLUMN activated_at REAL;
+        UPDATE model_versions SET activated_at = installed_at WHERE active = 1;
+        CREATE UNIQUE INDEX model_versions_one_shadow ON model_versions(name) WHERE shadow = 1;
+        CREATE INDEX inference_jobs_model ON inference_jobs(model_name, model_version, finished_at);
+
+        CREATE TABLE shadow_runs (                     -- one per series the shadow also ran on
+            id              INTEGER PRIMARY KEY,
+            job_id          INTEGER NOT NULL,
+            name            TEXT NOT NULL,
+            active_version  TEXT NOT NULL,
+            shadow_version  TEXT NOT NULL,
+            agree           INTEGER NOT NULL,
+            score           REAL NOT NULL,             -- dice (masks) / top-1 match (classes)
+            error           TEXT,                      -- the shadow failed (counts as disagree)
+            at              REAL NOT NULL
+        );
+        CREATE INDEX shadow_runs_model ON shadow_runs(name, shadow_version, id);
+
+        -- 0 until the hub has the decision (re-sent after each successful pull)
+        ALTER TABLE model_updates ADD COLUMN reported INTEGER NOT NULL DEFAULT 0;
+        UPDATE model_updates SET reported = 1;
+        """,
+    ),
 )
 
 

@@ -31,7 +31,9 @@ TRANSITIONS: Mapping[StudyState, frozenset[StudyState]] = {
     StudyState.COMPLETE: frozenset({StudyState.RECEIVING, StudyState.INFERRING}),
     StudyState.INFERRING: frozenset({StudyState.RECEIVING, StudyState.DONE, StudyState.FAILED}),
     StudyState.DONE: frozenset({StudyState.RECEIVING}),
-    StudyState.FAILED: frozenset({StudyState.RECEIVING}),
+    # FAILED -> INFERRING: its failed series re-run on the previous version of a model that
+    # was rolled back automatically
+    StudyState.FAILED: frozenset({StudyState.RECEIVING, StudyState.INFERRING}),
 }
 
 

@@ -13,17 +13,29 @@ For each one not yet decided, in this order, each step a gate:
 4. installation (copied and verified again), an ONNX Runtime session and the manifest
    self-test;
 5. activation: one transaction switches the active version; the previous version stays.
+   An assignment in ``shadow`` mode stops before this step: the version becomes the model's
+   shadow (:mod:`edge_agent.inference.shadow`) and its agreement with the active version is
+   reported to the hub; a later normal assignment of the same version promotes it (verified
+   again, no second download).
 
-The decision (accepted or refused, with the reason) is recorded and reported to the hub.
+After activation the version is watched (:meth:`ModelUpdater.watch`, run by the agent on its
+own, online or not): if more than ``inference.rollback_error_rate`` of its recent jobs fail,
+the previous version is re-activated in one transaction with the re-run of the failed series.
+
+Every decision (accepted, refused, shadow, rolled back, with the reason) is recorded, and
+re-sent to the hub after each successful pull until it got there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,15 +44,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.clock import Clock
 from edge_agent.errors import EdgeError
 from edge_agent.inference.package import open_package
-from edge_agent.inference.registry import Registry
+from edge_agent.inference.registry import InstalledModel, Registry, set_active
 from edge_agent.inference.runner import ModelRunner
+from edge_agent.inference.shadow import agreement
+from edge_agent.inference.store import job_outcomes, rerun_on
+from edge_agent.metrics import Metrics
 from edge_agent.store import Store
-from hub_protocol.releases import ReleaseError, verify_archive, verify_release
+from hub_protocol.releases import Release, ReleaseError, verify_archive, verify_release
 from hub_protocol.semver import parse as semver
 
 log = logging.getLogger(__name__)
 
-ACCEPTED, REFUSED = "accepted", "refused"
+ACCEPTED, REFUSED, SHADOW = "accepted", "refused", "shadow"
+ROLLED_BACK, AUTO_ROLLED_BACK = "rolled_back", "auto_rolled_back"
+#: what the hub is told for each local decision (the hub's rollouts wait for "active")
+HUB_STATUS = {ACCEPTED: "active"}
 
 
 class ArtifactSource(Protocol):
@@ -62,11 +80,29 @@ class Decision:
 
 def _record(conn: Any, *, name: str, version: str, status: str, reason: str, now: float) -> None:
     conn.execute(
-        "INSERT INTO model_updates (name, version, status, reason, decided_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name, version) DO UPDATE SET status = "
-        "excluded.status, reason = excluded.reason, decided_at = excluded.decided_at",
+        "INSERT INTO model_updates (name, version, status, reason, decided_at, reported) "
+        "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT(name, version) DO UPDATE SET status = "
+        "excluded.status, reason = excluded.reason, decided_at = excluded.decided_at, "
+        "reported = 0",
         (name, version, status, reason[:2000], now),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchSettings:
+    """When an updated version is rolled back for its error rate (``inference.*``)."""
+
+    max_error_rate: float = 0.5
+    window_jobs: int = 20
+    min_jobs: int = 5
+
+
+def _auto_rollback(
+    conn: Any, *, name: str, bad: str, good: str, since: float, reason: str, now: float
+) -> int:
+    set_active(conn, name=name, version=good, now=now)
+    _record(conn, name=name, version=bad, status=AUTO_ROLLED_BACK, reason=reason, now=now)
+    return rerun_on(conn, name=name, bad=bad, good=good, since=since, now=now)
 
 
 class ModelUpdater:
@@ -80,7 +116,13 @@ class ModelUpdater:
         threshold: int,
         staging: Path,
         clock: Clock,
+        watch: WatchSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._watch = watch or WatchSettings()
+        self._metrics = metrics
+        self._shadow_reported: dict[tuple[str, str], int] = {}
+        self._stuck: set[tuple[str, str]] = set()  # failing, nothing to roll back to (logged)
         self._store = store
         self._registry = registry
         self._source = source
@@ -107,19 +149,23 @@ class ModelUpdater:
         return best
 
     def pending(self) -> list[dict[str, Any]]:
-        """Assignments from the change feed not decided yet."""
+        """Assignments from the change feed not decided yet (a version running as a shadow
+        is pending again when it is assigned normally: that is its promotion)."""
         decided = {
-            (r[0], r[1]) for r in self._store.query("SELECT name, version FROM model_updates")
+            (r[0], r[1]): r[2]
+            for r in self._store.query("SELECT name, version, status FROM model_updates")
         }
         out = []
         for row in self._store.query("SELECT payload FROM replica WHERE type = 'model_assignment'"):
             a = json.loads(row[0])
-            if (a["name"], a["version"]) not in decided:
+            status = decided.get((a["name"], a["version"]))
+            if status is None or (status == SHADOW and a.get("mode", "active") != SHADOW):
                 out.append(a)
         return out
 
     async def check(self) -> list[Decision]:
-        """Handle every pending assignment and rollback order; returns the decisions."""
+        """Handle every pending assignment and rollback order, then tell the hub what it
+        does not know yet; returns the decisions."""
         decisions = []
         for a in self.pending():
             decisions.append(await self.apply(a))
@@ -127,7 +173,117 @@ class ModelUpdater:
             d = await self.rollback(json.loads(row[0]))
             if d is not None:
                 decisions.append(d)
+        await self.flush_reports()
         return decisions
+
+    async def flush_reports(self) -> int:
+        """Send every decision the hub has not acknowledged, and each shadow version's
+        agreement when it changed. Returns how many reports got through."""
+        sent = 0
+        for name, version, status, reason in self._store.query(
+            "SELECT name, version, status, reason FROM model_updates WHERE reported = 0"
+        ):
+            if status == SHADOW:
+                continue  # reported below, with its agreement
+            if await self._report(name, version, HUB_STATUS.get(status, status), reason):
+                self._mark_reported(name, version, status)
+                sent += 1
+        for name, m in self._registry.shadows().items():
+            with self._store.read() as conn:
+                ag = agreement(conn, name, m.version)
+            if self._shadow_reported.get((name, m.version)) == ag.series:
+                continue
+            if await self._report(name, m.version, SHADOW, ag.summary()):
+                self._shadow_reported[(name, m.version)] = ag.series
+                self._mark_reported(name, m.version, SHADOW)
+                sent += 1
+        return sent
+
+    def _mark_reported(self, name: str, version: str, status: str) -> None:
+        self._store.writer.call(
+            lambda c: c.execute(
+                "UPDATE model_updates SET reported = 1 WHERE name = ? AND version = ? "
+                "AND status = ?",
+                (name, version, status),
+            )
+        )
+
+    def watch(self) -> list[Decision]:
+        """Roll back every version activated by an update whose error rate over its recent
+        jobs is above the bound (to the newest older version installed), re-running the
+        series it failed. Local only: works while the hub is unreachable (the decision is
+        reported later by :meth:`flush_reports`)."""
+        updated = {
+            (r[0], r[1])
+            for r in self._store.query(
+                "SELECT name, version FROM model_updates WHERE status = ?", (ACCEPTED,)
+            )
+        }
+        w = self._watch
+        decisions = []
+        for m in self._registry.active():
+            if (m.name, m.version) not in updated:
+                continue
+            since = m.activated_at or m.installed_at
+            with self._store.read() as conn:
+                finished, failed = job_outcomes(
+                    conn, name=m.name, version=m.version, since=since, last=w.window_jobs
+                )
+            if finished < w.min_jobs or failed / finished <= w.max_error_rate:
+                continue
+            older = sorted(
+                (
+                    o.version
+                    for o in self._registry.installed()
+                    if o.name == m.name and semver(o.version) < semver(m.version)
+                ),
+                key=semver,
+            )
+            why = (
+                f"{failed} of its last {finished} jobs failed "
+                f"(rate {failed / finished:.2f} > {w.max_error_rate})"
+            )
+            if not older:
+                if (m.name, m.version) in self._stuck:
+                    continue
+                self._stuck.add((m.name, m.version))
+                log.error(
+                    "updated model version is failing but no older version is installed",
+                    extra={"model": m.name, "version": m.version, "why": why},
+                )
+                continue
+            good, now = older[-1], self._clock.now()
+            reason = f"automatic rollback: {why}; re-activated {good}"
+            rerun: int = self._store.writer.call(
+                partial(
+                    _auto_rollback,
+                    name=m.name,
+                    bad=m.version,
+                    good=good,
+                    since=since,
+                    reason=reason,
+                    now=now,
+                )
+            )
+            if self._metrics is not None:
+                self._metrics.model_rollbacks.labels(m.name, "error_rate").inc()
+            log.error(
+                "model version rolled back automatically",
+                extra={"model": m.name, "from": m.version, "to": good, "why": why, "rerun": rerun},
+            )
+            decisions.append(Decision(m.name, m.version, AUTO_ROLLED_BACK, reason))
+        return decisions
+
+    async def run_watch(self, stop: asyncio.Event, interval_s: float) -> None:
+        """:meth:`watch` every ``interval_s`` until ``stop``; tries to report at once."""
+        while not stop.is_set():
+            try:
+                if await asyncio.to_thread(self.watch):
+                    await self.flush_reports()
+            except Exception:
+                log.exception("model watch failed; retrying next interval")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
     async def rollback(self, order: Mapping[str, Any]) -> Decision | None:
         """Ops rolled a version back: if it is active here, re-activate the previous installed
@@ -146,16 +302,31 @@ class ModelUpdater:
             reason = "rollback ordered but no older version is installed"
             await self._report(name, bad, "rollback_failed", reason)
             return Decision(name, bad, "rollback_failed", reason)
-        self._registry.activate(name, str(target))
+        now, reason = self._clock.now(), f"ordered by ops; re-activated {target}"
+
+        def tx(c: Any) -> None:
+            set_active(c, name=name, version=str(target), now=now)
+            _record(c, name=name, version=bad, status=ROLLED_BACK, reason=reason, now=now)
+
+        self._store.writer.call(tx)
+        if self._metrics is not None:
+            self._metrics.model_rollbacks.labels(name, "ops").inc()
         log.warning(
             "model version rolled back by ops", extra={"model": name, "from": bad, "to": target}
         )
-        await self._report(name, bad, "rolled_back", f"re-activated {target}")
-        return Decision(name, bad, "rolled_back", f"re-activated {target}")
+        if await self._report(name, bad, ROLLED_BACK, reason):
+            self._mark_reported(name, bad, ROLLED_BACK)
+        return Decision(name, bad, ROLLED_BACK, reason)
 
     async def apply(self, assignment: Mapping[str, Any]) -> Decision:
         name, version = str(assignment["name"]), str(assignment["version"])
+        mode = str(assignment.get("mode", "active"))
+        was = self._store.query(
+            "SELECT status FROM model_updates WHERE name = ? AND version = ?", (name, version)
+        )
         try:
+            if mode not in ("active", SHADOW):
+                raise ReleaseError("malformed", f"unknown assignment mode {mode!r}")
             verified = verify_release(
                 str(assignment["document"]).encode(),
                 trusted=self._trusted,
@@ -166,33 +337,17 @@ class ModelUpdater:
             rel = verified.release
             if (rel.name, rel.version) != (name, version):
                 raise ReleaseError("malformed", "assignment and signed release disagree")
-            self._staging.mkdir(parents=True, exist_ok=True)
-            part = self._staging / f"{rel.archive_sha256}.part"
-            await self._source.download(str(assignment["archive"]), part, limit=rel.archive_size)
-            data = part.read_bytes()
-            if len(data) < rel.archive_size:
-                raise ReleaseError(
-                    "incomplete",
-                    f"download stopped at {len(data)} of {rel.archive_size} bytes; will resume",
-                )
-            verify_archive(data, rel)
-            archive = part.with_suffix(".tar")
-            part.replace(archive)
-            pkg = open_package(archive, staging=self._staging)
-            try:
-                m = pkg.manifest
-                if (m.name, m.version) != (rel.name, rel.version):
-                    raise ReleaseError(
-                        "malformed",
-                        f"package is {m.name} {m.version}, the "
-                        f"release says {rel.name} {rel.version}",
-                    )
-                installed = self._registry.install(pkg.root, activate=False)
-            finally:
-                shutil.rmtree(pkg.root, ignore_errors=True)
-                archive.unlink(missing_ok=True)
+            installed = self._registry.get(name, version)
+            if installed is not None and installed.active:
+                return await self._accept(name, version, "already the active version")
+            if installed is None or not (was and was[0][0] == SHADOW):
+                installed = await self._fetch_and_install(rel, assignment)
+            # else: promoting our shadow, installed from this signed release: no new download
             ModelRunner(self._registry.load(installed), providers=["cpu"])  # self-test
-            self._registry.activate(name, version)
+            if mode == SHADOW:
+                self._registry.set_shadow(name, version)
+            else:
+                self._registry.activate(name, version)
         except ReleaseError as exc:
             if exc.reason == "incomplete":  # not a decision: resume next time
                 log.warning("model download incomplete; will resume", extra={"error": str(exc)})
@@ -200,13 +355,60 @@ class ModelUpdater:
             return await self._refuse(name, version, str(exc))
         except EdgeError as exc:  # package, registry, ORT load, self-test
             return await self._refuse(name, version, f"{type(exc).__name__}: {exc}")
+        signed = f"signed by {', '.join(verified.signed_by)}"
+        if mode == SHADOW:
+            now = self._clock.now()
+            self._store.writer.call(
+                lambda c: _record(
+                    c, name=name, version=version, status=SHADOW, reason=signed, now=now
+                )
+            )
+            self._shadow_reported.pop((name, version), None)
+            log.info("model version running as a shadow", extra={"model": name, "version": version})
+            await self.flush_reports()
+            return Decision(name, version, SHADOW, "")
+        return await self._accept(name, version, signed)
+
+    async def _accept(self, name: str, version: str, reason: str) -> Decision:
         now = self._clock.now()
         self._store.writer.call(
-            lambda c: _record(c, name=name, version=version, status=ACCEPTED, reason="", now=now)
+            lambda c: _record(
+                c, name=name, version=version, status=ACCEPTED, reason=reason, now=now
+            )
         )
         log.info("model version activated", extra={"model": name, "version": version})
-        await self._report(name, version, "active", f"signed by {', '.join(verified.signed_by)}")
+        if await self._report(name, version, "active", reason):
+            self._mark_reported(name, version, ACCEPTED)
         return Decision(name, version, ACCEPTED, "")
+
+    async def _fetch_and_install(
+        self, rel: Release, assignment: Mapping[str, Any]
+    ) -> InstalledModel:
+        """Download (resuming), verify the archive and its package, install (not active)."""
+        self._staging.mkdir(parents=True, exist_ok=True)
+        part = self._staging / f"{rel.archive_sha256}.part"
+        await self._source.download(str(assignment["archive"]), part, limit=rel.archive_size)
+        data = part.read_bytes()
+        if len(data) < rel.archive_size:
+            raise ReleaseError(
+                "incomplete",
+                f"download stopped at {len(data)} of {rel.archive_size} bytes; will resume",
+            )
+        verify_archive(data, rel)
+        archive = part.with_suffix(".tar")
+        part.replace(archive)
+        pkg = open_package(archive, staging=self._staging)
+        try:
+            m = pkg.manifest
+            if (m.name, m.version) != (rel.name, rel.version):
+                raise ReleaseError(
+                    "malformed",
+                    f"package is {m.name} {m.version}, the release says {rel.name} {rel.version}",
+                )
+            return self._registry.install(pkg.root, activate=False)
+        finally:
+            shutil.rmtree(pkg.root, ignore_errors=True)
+            archive.unlink(missing_ok=True)
 
     async def _refuse(self, name: str, version: str, reason: str) -> Decision:
         now = self._clock.now()
@@ -217,11 +419,14 @@ class ModelUpdater:
             "model version refused; the active version stays",
             extra={"model": name, "version": version, "reason": reason},
         )
-        await self._report(name, version, REFUSED, reason)
+        if await self._report(name, version, REFUSED, reason):
+            self._mark_reported(name, version, REFUSED)
         return Decision(name, version, REFUSED, reason)
 
-    async def _report(self, name: str, version: str, status: str, detail: str) -> None:
+    async def _report(self, name: str, version: str, status: str, detail: str) -> bool:
         try:
             await self._source.report_model(name, version, status, detail)
-        except EdgeError as exc:  # the decision stands; the hub learns it next time
+        except EdgeError as exc:  # the decision stands; re-sent after the next pull
             log.warning("could not report model status", extra={"error": str(exc)})
+            return False
+        return True

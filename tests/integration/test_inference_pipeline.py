@@ -16,21 +16,12 @@ from edge_agent.inference.package import write_manifest_files
 from edge_agent.inference.reference_models import (
     CLS_NAME,
     SEG_NAME,
-    build_reference_packages,
     reference_lesion_mask,
 )
 from edge_agent.samples import make_study
 from tests.conftest import TEST_FILES, make_config, storescu
 
 pytestmark = pytest.mark.dcmtk
-
-
-@pytest.fixture(scope="module")
-def ref_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {
-        r.name.rsplit("-", 1)[0]: r
-        for r in build_reference_packages(tmp_path_factory.mktemp("ref"))
-    }
 
 
 def _app(app_factory: Any, tmp_path: Path, models: list[Path]) -> Any:
