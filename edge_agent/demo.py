@@ -3,13 +3,16 @@
 It makes a scratch folder, writes a config, generates synthetic sample studies, starts the
 agent as a child process, sends the studies with DCMTK's ``storescu`` (plus two compressed
 files from pydicom's test set and one intruder with an unknown AE title), waits for the
-studies to complete, prints what the agent holds, and stops the agent with SIGTERM.
+studies to complete, prints what the agent holds, shows sync with a hub (and a WAN outage),
+then central ops publishing a signed model version (shadow, staged rollout, a refused
+release), and stops the agent with SIGTERM.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.cli import main as cli_main
@@ -25,6 +29,7 @@ from edge_agent.inference.reference_models import build_reference_packages
 from edge_agent.samples import make_study
 
 QUIET_PERIOD_S = 3.0
+HEARTBEAT_S = 1.0
 
 
 def _free_port() -> int:
@@ -167,6 +172,131 @@ def _send_truncated(port: int, source: Path, workdir: Path) -> tuple[int, str]:
     return int(rsp.Status), str(rsp.get("ErrorComment", ""))
 
 
+class Ops:
+    """Central ops at their desk: ``cloud-hub`` commands against the demo hub's database."""
+
+    def __init__(self, workdir: Path, hub_db: Path) -> None:
+        self.workdir, self.db = workdir, hub_db
+        self.key = workdir / "ops" / "ops1.key"
+        self.key.parent.mkdir(parents=True, exist_ok=True)
+        # a fresh random passphrase per demo run (ops type theirs, or use a secret store)
+        self.env = dict(os.environ, HUB_KEY_PASSPHRASE=secrets.token_urlsafe(24))
+
+    def hub(self, *args: str, show: bool = True) -> str:
+        cmd = [sys.executable, "-m", "cloud_hub", *args]
+        if args[0] in ("models", "sites") and args[1] not in ("keygen", "release", "sign"):
+            cmd += ["--database-url", f"sqlite:///{self.db}"]
+        if show:
+            print(
+                "    $ cloud-hub " + " ".join(a.replace(str(self.workdir) + "/", "") for a in args)
+            )
+        r = subprocess.run(cmd, capture_output=True, text=True, env=self.env, check=False)
+        out = (r.stdout + r.stderr).strip()
+        if show and out:
+            print("      " + out.replace("\n", "\n      "))
+        if r.returncode != 0:
+            raise RuntimeError(f"cloud-hub {' '.join(args)} failed: {out}")
+        return out
+
+    def release(self, source: Path, version: str, *, key: Path | None = None) -> None:
+        """Copy ``source`` as ``version``, package, sign and publish it."""
+        from edge_agent.inference.package import write_manifest_files
+
+        pkg = self.workdir / "ops" / f"{source.name.rsplit('-', 1)[0]}-{version}"
+        shutil.copytree(source, pkg)
+        manifest = json.loads((pkg / "manifest.json").read_text())
+        manifest["version"] = version
+        write_manifest_files(pkg, manifest)
+        out = self.workdir / "ops" / "releases"
+        self.hub("models", "release", str(pkg), "--out", str(out), "--expires-days", "180")
+        base = out / f"{manifest['name']}-{version}"
+        doc, tar = f"{base}.release.json", f"{base}.tar"
+        self.hub("models", "sign", doc, "--key", str(key or self.key))
+        self.hub("models", "publish", doc, tar, "--artifact-dir", str(self.workdir / "artifacts"))
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    print(f"    (gave up waiting for {what})")
+    return False
+
+
+def _model_state(db: Path, name: str) -> dict[str, str]:
+    """version -> 'active' | 'shadow' | 'installed' in the agent's store."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT version, active, shadow FROM model_versions WHERE name = ?", (name,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return {v: "active" if a else "shadow" if sh else "installed" for v, a, sh in rows}
+
+
+def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path) -> None:
+    """Ops publish ct-lesion-seg 1.1.0: shadow first, then a staged rollout; then a release
+    signed by a key the site does not trust is refused."""
+    from edge_agent.inference.reference_models import SEG_NAME
+    from edge_agent.sync.client import Credential
+
+    db = workdir / "data" / "edge.db"
+    site = Credential.load(workdir / "data" / "sync-credential.json").site_id
+    source = next((workdir / "model-packages").glob(f"{SEG_NAME}-*"))
+
+    _step(f"ops publish {SEG_NAME} 1.1.0: package, sign (Ed25519), publish to the hub")
+    ops.release(source, "1.1.0")
+
+    _step("shadow mode: 1.1.0 runs beside 1.0.0 on live studies and publishes nothing")
+    ops.hub("models", "assign", SEG_NAME, "1.1.0", "--site", site, "--shadow")
+    _wait_for("the shadow", lambda: _model_state(db, SEG_NAME).get("1.1.0") == "shadow")
+    ct = make_study(
+        samples / "ct-shadow",
+        modality="CT",
+        slices=8,
+        size=256,
+        seed="demo-ct-shadow",
+        patient_id="DEMO-CT-3",
+        patient_name="DEMO^CT^THREE",
+    )
+    r = _storescu(port, *ct.files)
+    print(f"    a new CT study: storescu exit {r.returncode}")
+    _wait_settled(db)
+    _wait_for(
+        "the agreement report",
+        lambda: "over 1 series" in ops.hub("models", "status", SEG_NAME, show=False),
+    )
+    ops.hub("models", "status", SEG_NAME)
+    cli_main(["models", "list", "--config", str(cfg)])
+
+    _step("staged rollout: canary (this site) -> percentage -> every site")
+    ops.hub("models", "rollout", "start", SEG_NAME, "1.1.0", "--canary", site, "--percent", "50")
+    _wait_for("activation", lambda: _model_state(db, SEG_NAME).get("1.1.0") == "active")
+    _wait_for(
+        "the install report",
+        lambda: " active " in ops.hub("models", "status", SEG_NAME, show=False),
+    )
+    ops.hub("models", "rollout", "advance", SEG_NAME, "1.1.0")
+    ops.hub("models", "rollout", "advance", SEG_NAME, "1.1.0")
+    ops.hub("models", "status", SEG_NAME)
+    cli_main(["models", "list", "--config", str(cfg)])
+
+    _step("a release signed by a key this site does not trust: refused, 1.1.0 stays active")
+    rogue = workdir / "ops" / "rogue.key"
+    ops.hub("models", "keygen", str(rogue))
+    ops.release(source, "1.2.0", key=rogue)
+    ops.hub("models", "assign", SEG_NAME, "1.2.0", "--site", site)
+    _wait_for(
+        "the refusal",
+        lambda: "refused" in ops.hub("models", "status", SEG_NAME, show=False),
+    )
+    cli_main(["models", "history", SEG_NAME, "--config", str(cfg)])
+    print(f"    active now: {_model_state(db, SEG_NAME)}")
+
+
 def run_demo(workdir: Path) -> int:
     """Run the demo in ``workdir`` (recreated). Returns the exit code."""
     for tool in ("storescu", "echoscu"):
@@ -254,9 +384,20 @@ def run_demo(workdir: Path) -> int:
     ).stdout.strip()
     cli_main(["sync", "enroll", "--hub", hub_url, "--token", token, "--config", str(cfg)])
 
+    ops = Ops(workdir, hub_db)
+    _step("central ops make their release signing key; this site pins its public half")
+    ops.hub("models", "keygen", str(ops.key))
+    text = cfg.read_text()
+    cfg.write_text(text.replace("trusted_keys = []", f'trusted_keys = ["{ops.key}.pub"]'))
+    print(f"    sync.trusted_keys = [{ops.key.name}.pub] in {cfg.name}")
+
     _step("starting the agent (results go to PACS@127.0.0.1, set by EDGE_RESULTS_DESTINATIONS)")
     log_path = workdir / "agent.log"
-    env = dict(os.environ, EDGE_RESULTS_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}")
+    env = dict(
+        os.environ,
+        EDGE_RESULTS_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}",
+        EDGE_SYNC_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),  # the demo's hub answers fast
+    )
     with log_path.open("wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
@@ -376,6 +517,8 @@ def run_demo(workdir: Path) -> int:
 
         _step("edge-agent associations (audit trail)")
         cli_main(["associations", "--config", str(cfg), "--limit", "10"])
+
+        _model_rollout(ops, workdir, cfg, port, samples)
     finally:
         _step("stopping the agent with SIGTERM")
         agent.send_signal(signal.SIGTERM)

@@ -412,6 +412,9 @@ class ModelUpdater:
 
     async def _refuse(self, name: str, version: str, reason: str) -> Decision:
         now = self._clock.now()
+        shadow = self._registry.shadows().get(name)
+        if shadow is not None and shadow.version == version:  # a refused version stops
+            self._registry.set_shadow(name, None)
         self._store.writer.call(
             lambda c: _record(c, name=name, version=version, status=REFUSED, reason=reason, now=now)
         )

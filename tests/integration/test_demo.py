@@ -39,4 +39,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "RECEIVING" in late and " 41    1 DEMO-CT-1" in late
     assert late.count("(superseded)") == 2 and "lesion: 19/41 slices" in late
     assert "C-STORE status 0xC000: malformed or truncated dataset" in out
+    shadow = out.split("==> shadow mode", 1)[1].split("==>", 1)[0]
+    assert "shadow: agreement 1.000 over 1 series" in shadow
+    assert "s ct-lesion-seg            1.1.0" in shadow
+    rollout = out.split("==> staged rollout", 1)[1].split("==>", 1)[0]
+    assert "ct-lesion-seg 1.1.0: percent" in rollout and "ct-lesion-seg 1.1.0: all" in rollout
+    assert "* ct-lesion-seg            1.1.0" in rollout
+    rogue = out.split("not trust", 1)[1].split("==>", 1)[0]
+    assert "ct-lesion-seg 1.2.0  refused: unknown_key" in rogue
+    assert "active now: {'1.0.0': 'installed', '1.1.0': 'active'}" in rogue
     assert "agent exited with 0" in out

@@ -65,8 +65,10 @@ class Rig:
         self.artifacts = tmp_path / "artifacts"
         self.hub_store = HubStore(connect(self.hub_url))
 
-    def publish(self, pkg: Path) -> str:
-        rel, archive, _ = make_release(pkg, self.tmp / "out", now=self.clock.now())
+    def publish(self, pkg: Path, *, expires_days: float = 30) -> str:
+        rel, archive, _ = make_release(
+            pkg, self.tmp / "out", now=self.clock.now(), expires_days=expires_days
+        )
         self.hub_store.publish(
             envelope(rel, [sign(rel, self.ops)]), archive.read_bytes(), self.artifacts
         )
@@ -252,6 +254,32 @@ def test_shadow_version_publishes_nothing_reports_agreement_and_is_promoted(
         assert d.status == "accepted" and r.active() == "1.1.0"
         assert app.registry.shadows() == {}
         assert r.hub_status("1.1.0")["status"] == "active"
+
+    asyncio.run(rig.run(body))
+
+
+def test_offline_an_installed_version_keeps_running_after_its_release_expires(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    """Expiry guards installation (freeze attacks), not what is already verified and
+    running: a site cut off from the hub for longer than the release's lifetime keeps
+    reading studies with it; but nothing is installed or promoted from expired metadata."""
+    app = app_factory(make_config(tmp_path))
+    app.registry.install(ref_models[SEG_NAME])
+    rig = Rig(tmp_path, app, clock)
+    rig.publish(variant(ref_models[SEG_NAME], tmp_path / "v110", "1.1.0"), expires_days=1)
+    rig.publish(variant(ref_models[SEG_NAME], tmp_path / "v120", "1.2.0"), expires_days=1)
+
+    async def body(r: Rig) -> None:
+        assert (await r.assign("1.1.0")).status == "accepted"
+        assert (await r.assign("1.2.0", shadow=True)).status == "shadow"
+        clock.advance(3 * 86400)  # both releases have expired
+        studies = r.send_ct(1, "e")
+        assert r.states(studies) == ["DONE"]
+        assert app.store.query("SELECT model_version FROM results")[0][0] == "1.1.0"
+        d = await r.assign("1.2.0")  # promoting the shadow needs valid metadata
+        assert d.status == "refused" and "expired" in d.reason
+        assert r.active() == "1.1.0" and app.registry.shadows() == {}  # refused: stops
 
     asyncio.run(rig.run(body))
 
