@@ -15,6 +15,9 @@ path                         method  what
 /v1/conflicts/ID/resolve     POST    {"take": "edge"|"cloud", "by": name}: logged, fed back
 /v1/artifacts/SHA256          GET     a release archive (HTTP Range: resumable)
 /v1/model-status             POST    this site's install status of a model version
+/v1/archive/SHA256/upload    GET     how much of an archive upload the hub holds (resume)
+/v1/archive/SHA256           PATCH   append a chunk (Upload-Offset/-Length); hash checked
+/v1/archive/SHA256           GET     an archived object of this site (HTTP Range): restore
 /v1/fleet                    GET     every site's last heartbeat (ops token)
 /healthz                     GET     process alive
 ===========================  ======  ======================================================
@@ -23,12 +26,15 @@ path                         method  what
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
@@ -41,17 +47,22 @@ from hub_protocol import PROTOCOL_VERSIONS, ProtocolError, PushBatch
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_ARCHIVE_OBJECT = 4 * 1024**3
 
 
 @dataclass(frozen=True, kw_only=True)
 class HubConfig:
     """``database_url``: SQLAlchemy URL (``sqlite:///hub.db`` by default,
     ``postgresql+psycopg://user@host/db`` in production). ``artifact_dir``: release archives,
-    a folder or ``s3://bucket/prefix`` (:mod:`cloud_hub.artifacts`). ``ops_token``: bearer
-    token for the fleet view and enrollment-token creation over HTTP (empty = disabled)."""
+    a folder or ``s3://bucket/prefix`` (:mod:`cloud_hub.artifacts`); ``archive_dir``: the
+    sites' archived instances, likewise; ``upload_dir``: unfinished archive uploads (a local
+    folder). ``ops_token``: bearer token for the fleet view and enrollment-token creation
+    over HTTP (empty = disabled)."""
 
     database_url: str = "sqlite:///hub.db"
     artifact_dir: str = "artifacts"
+    archive_dir: str = "archive"
+    upload_dir: str = "uploads"
     host: str = "127.0.0.1"
     port: int = 8443
     ops_token: str = ""
@@ -59,6 +70,7 @@ class HubConfig:
 
 STORE = web.AppKey("store", HubStore)
 ARTIFACTS: web.AppKey[FolderArtifacts | S3Artifacts] = web.AppKey("artifacts")
+ARCHIVE: web.AppKey[FolderArtifacts | S3Artifacts] = web.AppKey("archive")
 CONFIG = web.AppKey("config", HubConfig)
 SITE = web.RequestKey("site_id", str)
 
@@ -191,7 +203,12 @@ async def artifact(request: web.Request) -> web.StreamResponse:
     sha = request.match_info["sha256"]
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         return error(400, "bad_request", "not a SHA-256")
-    store = request.app[ARTIFACTS]
+    return await _serve_blob(request, request.app[ARTIFACTS], sha)
+
+
+async def _serve_blob(
+    request: web.Request, store: FolderArtifacts | S3Artifacts, sha: str
+) -> web.StreamResponse:
     if isinstance(store, FolderArtifacts):
         path = store.path(sha)
         if not path.is_file():
@@ -221,6 +238,85 @@ async def artifact(request: web.Request) -> web.StreamResponse:
         await resp.write(block)
     await resp.write_eof()
     return resp
+
+
+def _sha(request: web.Request) -> str:
+    sha = request.match_info["sha256"]
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ProtocolError("not a SHA-256")
+    return sha
+
+
+def _partial(request: web.Request, sha: str) -> Path:
+    return Path(request.app[CONFIG].upload_dir) / request[SITE] / f"{sha}.part"
+
+
+async def archive_upload_state(request: web.Request) -> web.Response:
+    """How much of an archive upload the hub holds (resume from ``offset``)."""
+    sha = _sha(request)
+    size = await asyncio.to_thread(request.app[STORE].archived_size, request[SITE], sha)
+    if size is not None:
+        return web.json_response({"sha256": sha, "offset": size, "complete": True})
+    part = _partial(request, sha)
+    offset = part.stat().st_size if part.exists() else 0
+    return web.json_response({"sha256": sha, "offset": offset, "complete": False})
+
+
+async def archive_upload(request: web.Request) -> web.Response:
+    """Append a chunk at ``Upload-Offset`` of an object of ``Upload-Length`` bytes named by
+    its SHA-256. When the last byte is in, the hub checks the hash, stores the object and
+    answers ``complete``; only then may the site delete its copy."""
+    sha, site = _sha(request), request[SITE]
+    try:
+        offset = int(request.headers["Upload-Offset"])
+        total = int(request.headers["Upload-Length"])
+    except (KeyError, ValueError) as exc:
+        raise ProtocolError("Upload-Offset and Upload-Length headers are required") from exc
+    if not 0 <= offset <= total or total > MAX_ARCHIVE_OBJECT:
+        raise ProtocolError(f"bad Upload-Offset/Upload-Length ({offset}/{total})")
+    store = request.app[STORE]
+    if await asyncio.to_thread(store.archived_size, site, sha) is not None:
+        return web.json_response({"sha256": sha, "offset": total, "complete": True})
+    part = _partial(request, sha)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if offset != have:
+        return web.json_response(
+            {
+                "error": {"code": "offset_mismatch", "message": f"the hub holds {have} bytes"},
+                "offset": have,
+            },
+            status=409,
+        )
+    body = await request.read()
+    if offset + len(body) > total:
+        raise ProtocolError("chunk goes past Upload-Length")
+
+    def append() -> int:
+        with part.open("ab") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return part.stat().st_size
+
+    have = await asyncio.to_thread(append)
+    if have < total:
+        return web.json_response({"sha256": sha, "offset": have, "complete": False})
+    data = await asyncio.to_thread(part.read_bytes)
+    part.unlink()
+    if hashlib.sha256(data).hexdigest() != sha:
+        return error(422, "hash_mismatch", "the uploaded bytes do not match their SHA-256")
+    await asyncio.to_thread(request.app[ARCHIVE].put, sha, data)
+    await asyncio.to_thread(store.record_archived, site, sha, len(data))
+    return web.json_response({"sha256": sha, "offset": total, "complete": True}, status=201)
+
+
+async def archive_download(request: web.Request) -> web.StreamResponse:
+    """An archived object of this site (HTTP Range), for a restore."""
+    sha = _sha(request)
+    if await asyncio.to_thread(request.app[STORE].archived_size, request[SITE], sha) is None:
+        return error(404, "not_found", "no such archived object for this site")
+    return await _serve_blob(request, request.app[ARCHIVE], sha)
 
 
 async def model_status(request: web.Request) -> web.Response:
@@ -259,6 +355,7 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[ARTIFACTS] = open_artifacts(config.artifact_dir)
+    app[ARCHIVE] = open_artifacts(config.archive_dir)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         s = store or HubStore(await asyncio.to_thread(connect, config.database_url))
@@ -278,6 +375,9 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app.router.add_post("/v1/conflicts/{conflict_id}/resolve", resolve_conflict)
     app.router.add_get("/v1/artifacts/{sha256}", artifact)
     app.router.add_post("/v1/model-status", model_status)
+    app.router.add_get("/v1/archive/{sha256}/upload", archive_upload_state)
+    app.router.add_patch("/v1/archive/{sha256}", archive_upload)
+    app.router.add_get("/v1/archive/{sha256}", archive_download)
     app.router.add_get("/v1/fleet", fleet)
     app.router.add_get("/healthz", healthz)
     return app

@@ -181,12 +181,22 @@ rollouts = sa.Table(  # staged rollout of one release: canary -> percentage -> a
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 
+archive_objects = sa.Table(  # each site's archived instances (encrypted at the site, opaque here)
+    "archive_objects",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("stored_at", sa.Float, nullable=False),
+)
+
 MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
     ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
     ("0002_conflicts", (conflict_queue,)),
     ("0003_releases", (releases, assignments, install_status)),
     ("0004_rollouts", (rollouts,)),
     ("0005_shadow_assignments", (shadow_assignments,)),
+    ("0006_archive", (archive_objects,)),
 )
 
 #: Record types -> the data type whose conflict rule applies.
@@ -311,6 +321,37 @@ class HubStore:
         if row is None:
             raise AuthError("unknown credential")
         return str(row[0])
+
+    # -- archive ------------------------------------------------------------------------
+
+    def archived_size(self, site_id: str, sha256: str) -> int | None:
+        """The size of ``sha256`` in this site's archive, None if it has no such object."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(archive_objects.c.size).where(
+                    archive_objects.c.site_id == site_id, archive_objects.c.sha256 == sha256
+                )
+            ).first()
+        return None if row is None else int(row[0])
+
+    def record_archived(
+        self, site_id: str, sha256: str, size: int, *, now: float | None = None
+    ) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(archive_objects.c.size).where(
+                    archive_objects.c.site_id == site_id, archive_objects.c.sha256 == sha256
+                )
+            ).first()
+            if exists is None:
+                conn.execute(
+                    archive_objects.insert().values(
+                        site_id=site_id,
+                        sha256=sha256,
+                        size=size,
+                        stored_at=time.time() if now is None else now,
+                    )
+                )
 
     def list_sites(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

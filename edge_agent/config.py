@@ -182,6 +182,46 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LifecycleConfig:
+    """Storage tiers, archive, retention and housekeeping (``edge_agent.lifecycle``).
+
+    A study moves hot -> warm after ``hot_days`` without new instances, warm -> cold after
+    ``warm_days``, and (``archive`` on, the hub enrolled) cold -> the hub archive after
+    ``cold_days``; ``cold_days_by_modality`` overrides that per modality (the retention
+    route). Archived instances are deleted locally ``keep_days_after_archive`` after the hub
+    confirmed their hash (0 = at once). Each tier has capacity watermarks (share of its
+    filesystem used): above ``<tier>_high_watermark`` the oldest studies move down (or
+    archived copies are evicted) early until usage is under ``<tier>_low_watermark``.
+    Cold files are compressed and AES-256-GCM encrypted with the key ring in
+    ``cold_key_file`` (or ``$EDGE_COLD_KEYS``). Jobs run on schedules: ``tier_interval_s``
+    (moves, retention, pressure), ``archive_interval_s``, ``integrity_interval_s`` (re-hash
+    ``integrity_sample`` stored files), ``maintenance_cron`` (WAL checkpoint, vacuum when
+    idle; crontab syntax, UTC). ``batch_instances``: most instances one job run handles.
+    """
+
+    enabled: bool = True
+    hot_days: float = 7.0
+    warm_days: float = 30.0
+    cold_days: float = 90.0
+    cold_days_by_modality: Mapping[str, float] = field(default_factory=dict)
+    archive: bool = True
+    keep_days_after_archive: float = 0.0
+    hot_high_watermark: float = 0.85
+    hot_low_watermark: float = 0.75
+    warm_high_watermark: float = 0.90
+    warm_low_watermark: float = 0.80
+    cold_high_watermark: float = 0.95
+    cold_low_watermark: float = 0.85
+    cold_key_file: str = "cold-keys"
+    tier_interval_s: float = 300.0
+    archive_interval_s: float = 600.0
+    integrity_interval_s: float = 3600.0
+    integrity_sample: int = 100
+    maintenance_cron: str = "30 3 * * *"
+    batch_instances: int = 2000
+
+
+@dataclass(frozen=True, kw_only=True)
 class Destination:
     """A DICOM destination (PACS) results are sent to: ``ae_title`` at ``host``:``port``."""
 
@@ -269,6 +309,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def models_dir(self) -> Path:
@@ -488,6 +529,39 @@ def _callers(value: Any, where: str) -> tuple[AllowedCaller, ...]:
 # Validation
 
 
+def _validate_lifecycle(lc: LifecycleConfig) -> None:
+    if not 0 < lc.hot_days <= lc.warm_days <= lc.cold_days <= 36500:
+        raise ConfigError(
+            "lifecycle.hot_days", "must be > 0 and hot_days <= warm_days <= cold_days (days)"
+        )
+    for mod, v in lc.cold_days_by_modality.items():
+        if not lc.warm_days <= v <= 36500:
+            raise ConfigError(f"lifecycle.cold_days_by_modality.{mod}", "must be >= warm_days")
+    if not 0 <= lc.keep_days_after_archive <= 36500:
+        raise ConfigError("lifecycle.keep_days_after_archive", "must be 0..36500 days")
+    for tier in ("hot", "warm", "cold"):
+        hi, lo = getattr(lc, f"{tier}_high_watermark"), getattr(lc, f"{tier}_low_watermark")
+        if not 0 < lo < hi <= 1:
+            raise ConfigError(
+                f"lifecycle.{tier}_low_watermark", f"must be > 0 and < {tier}_high_watermark <= 1"
+            )
+    if not lc.cold_key_file:
+        raise ConfigError("lifecycle.cold_key_file", "must not be empty")
+    for name in ("tier_interval_s", "archive_interval_s", "integrity_interval_s"):
+        if not 0 < getattr(lc, name) <= 86400 * 7:
+            raise ConfigError(f"lifecycle.{name}", "must be in (0, 604800] seconds")
+    if not 0 <= lc.integrity_sample <= 100000:
+        raise ConfigError("lifecycle.integrity_sample", "must be 0..100000")
+    if not 1 <= lc.batch_instances <= 1000000:
+        raise ConfigError("lifecycle.batch_instances", "must be 1..1000000")
+    try:
+        from apscheduler.triggers.cron import CronTrigger
+
+        CronTrigger.from_crontab(lc.maintenance_cron, timezone="UTC")
+    except ValueError as exc:
+        raise ConfigError("lifecycle.maintenance_cron", f"not a crontab line: {exc}") from None
+
+
 def validate(cfg: Config) -> None:
     """Check limits and cross-field rules; raise :class:`ConfigError` naming the field."""
     d = cfg.dicom
@@ -591,6 +665,7 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < inf.shadow_agreement <= 1:
         raise ConfigError("inference.shadow_agreement", "must be in (0, 1]")
+    _validate_lifecycle(cfg.lifecycle)
 
     res = cfg.results
     _check_ae("results.calling_ae_title", res.calling_ae_title)

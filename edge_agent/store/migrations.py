@@ -301,6 +301,53 @@ MIGRATIONS: Sequence[Migration] = (
         UPDATE model_updates SET reported = 1;
         """,
     ),
+    Migration(
+        "0008_lifecycle",
+        """
+        -- instances.tier: hot|warm|cold (local files) or archived (only at the hub: path is
+        -- then the archive blob's sha256); archive_sha256 set = the hub confirmed a copy
+        ALTER TABLE instances ADD COLUMN archive_sha256 TEXT;
+        ALTER TABLE instances ADD COLUMN archived_at REAL;
+        CREATE INDEX instances_tier ON instances(tier, study_uid);
+        -- a restored study ages from its restore, not from its reception
+        ALTER TABLE studies ADD COLUMN restored_at REAL;
+
+        CREATE TABLE tier_moves (                      -- journal of moves in progress
+            instance_id     INTEGER PRIMARY KEY REFERENCES instances(id),
+            src_tier        TEXT NOT NULL,
+            src_path        TEXT NOT NULL,
+            dst_tier        TEXT NOT NULL,
+            dst_path        TEXT NOT NULL,
+            started_at      REAL NOT NULL
+        );
+
+        CREATE TABLE restore_requests (
+            study_uid       TEXT PRIMARY KEY,
+            requested_at    REAL NOT NULL,
+            requested_by    TEXT NOT NULL,
+            finished_at     REAL,
+            error           TEXT
+        );
+
+        CREATE TABLE lifecycle_jobs (                  -- schedule state survives restarts
+            name            TEXT PRIMARY KEY,
+            next_run_at     REAL,
+            last_started_at REAL,
+            last_finished_at REAL,
+            last_status     TEXT,                      -- ok|error
+            last_detail     TEXT
+        );
+
+        CREATE TABLE integrity_reports (
+            id              INTEGER PRIMARY KEY,
+            at              REAL NOT NULL,
+            instance_id     INTEGER NOT NULL,
+            tier            TEXT NOT NULL,
+            path            TEXT NOT NULL,
+            problem         TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 
