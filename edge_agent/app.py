@@ -24,6 +24,8 @@ from edge_agent.dicom_listener import DicomListener
 from edge_agent.errors import EdgeError
 from edge_agent.inference.registry import Registry
 from edge_agent.inference.worker import InferenceWorker
+from edge_agent.lifecycle.manager import Lifecycle
+from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics, create_metrics
 from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool, Store
@@ -116,10 +118,12 @@ class EdgeApp:
         self.inference.recover()
         self.uplink: Uplink | None = None
         self.updater: ModelUpdater | None = None
+        self.hub_client: HttpHubClient | None = None
         cred_path = cfg.sync.credential_path(s.data_dir)
         if cred_path.exists():
             sy = cfg.sync
             client = HttpHubClient(Credential.load(cred_path), ca_file=sy.hub_ca_file)
+            self.hub_client = client
             self.uplink = Uplink(
                 client,
                 store=self.store,
@@ -152,6 +156,19 @@ class EdgeApp:
                     metrics=self.metrics,
                 )
                 self.uplink.after_pull.append(self.updater.check)
+        self.tiers = Tiers(cfg, self.store)
+        self.tiers.recover()
+        self.inference.tiers = self.tiers
+        self.lifecycle = Lifecycle(
+            cfg,
+            store=self.store,
+            tiers=self.tiers,
+            clock=self.clock,
+            metrics=self.metrics,
+            archive=self.hub_client,
+            hlc=self.hlc,
+            is_idle=self._idle,
+        )
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
         )
@@ -208,6 +225,11 @@ class EdgeApp:
             )
         return report
 
+    def _idle(self) -> bool:
+        """No association open and no inference job running (for database upkeep)."""
+        running = self.store.query("SELECT count(*) FROM inference_jobs WHERE state = 'RUNNING'")
+        return len(self.listener.ae.active_associations) == 0 and running[0][0] == 0
+
     def health(self) -> dict[str, object]:
         """The summary sent in heartbeats (and, later, shown by the web UI)."""
         with self.store.read() as conn:
@@ -251,6 +273,11 @@ class EdgeApp:
             else None
         )
         forwarder = asyncio.create_task(self.forwarder.run(stop), name="forwarder")
+        lifecycle = (
+            asyncio.create_task(self.lifecycle.run(stop), name="lifecycle")
+            if self.cfg.lifecycle.enabled
+            else None
+        )
         uplink = None
         if self.uplink is not None:
             loop, up = asyncio.get_running_loop(), self.uplink
@@ -278,6 +305,8 @@ class EdgeApp:
             if inference is not None:
                 await inference
             await forwarder
+            if lifecycle is not None:
+                await lifecycle
             if uplink is not None:
                 await uplink
             if watch is not None:

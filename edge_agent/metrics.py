@@ -21,6 +21,12 @@ class Metrics:
     inference_seconds: Histogram
     shadow_runs: Counter
     model_rollbacks: Counter
+    lifecycle_runs: Counter
+    lifecycle_moves: Counter
+    storage_pressure: Gauge
+    storage_corrupt: Counter
+    storage_bytes: Gauge
+    storage_used_ratio: Gauge
     sync_connectivity: Gauge
     outbox_depth: Gauge
     outbox_oldest_seconds: Gauge
@@ -99,6 +105,39 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "edge_shadow_runs_total",
             "Series a shadow model version also ran on, by outcome (agree, disagree)",
             ["model", "outcome"],
+            registry=reg,
+        ),
+        lifecycle_runs=Counter(
+            "edge_lifecycle_job_runs_total",
+            "Storage lifecycle job runs by job (tiers, archive, integrity, maintenance) and status",
+            ["job", "status"],
+            registry=reg,
+        ),
+        lifecycle_moves=Counter(
+            "edge_lifecycle_moves_total",
+            "Instances moved between tiers (to 'archived' = local copy deleted after archive)",
+            ["src", "dst"],
+            registry=reg,
+        ),
+        storage_pressure=Gauge(
+            "edge_storage_pressure",
+            "1 while a tier stays above its high watermark with nothing safe left to move",
+            ["tier"],
+            registry=reg,
+        ),
+        storage_corrupt=Counter(
+            "edge_storage_corrupt_files_total",
+            "Stored files whose content no longer matches the received hash",
+            ["tier"],
+            registry=reg,
+        ),
+        storage_bytes=Gauge(
+            "edge_storage_tier_bytes", "Bytes of instances per tier", ["tier"], registry=reg
+        ),
+        storage_used_ratio=Gauge(
+            "edge_storage_tier_used_ratio",
+            "Share of each tier's filesystem in use",
+            ["tier"],
             registry=reg,
         ),
         model_rollbacks=Counter(

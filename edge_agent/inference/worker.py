@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from edge_agent.inference.store import (
     schedule_study,
     series_instances,
 )
+from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics
 from edge_agent.results.dicom import make_seg, make_sr
 from edge_agent.results.forward import ResultObject, write_object
@@ -69,6 +71,7 @@ class InferenceWorker:
         hlc: HybridClock | None = None,
     ) -> None:
         self._hlc = hlc
+        self.tiers: Tiers | None = None  # set by the app: reads from every tier
         self.on_result: Callable[[], None] | None = None  # e.g. wake the uplink
         self.phi = (
             Pseudonymiser(
@@ -126,7 +129,7 @@ class InferenceWorker:
                 rows = cols = 0
                 if first:
                     hdr = pydicom.dcmread(
-                        self._path(first[0][1], first[0][2]),
+                        self._source(first[0][1], first[0][2]),
                         stop_before_pixels=True,
                         specific_tags=["Rows", "Columns"],
                     )
@@ -145,8 +148,13 @@ class InferenceWorker:
                 )
         return out
 
-    def _path(self, tier: str, relpath: str) -> Path:
-        return self._cfg.storage.path(f"{tier}_dir") / relpath
+    def _source(self, tier: str, relpath: str) -> Path | io.BytesIO:
+        """Where to read an instance from, whatever tier it is on."""
+        if tier in ("hot", "warm"):
+            return self._cfg.storage.path(f"{tier}_dir") / relpath
+        if self.tiers is None:
+            raise RegistryError(f"instance on the {tier} tier and no tier reader configured")
+        return io.BytesIO(self.tiers.read(tier, relpath))  # cold: decrypted; archived: error
 
     def schedule(self) -> int:
         """Create jobs for every COMPLETE study; returns how many studies were scheduled."""
@@ -201,7 +209,7 @@ class InferenceWorker:
     def _load_series(self, series_uid: str) -> list[Dataset]:
         with self._store.read() as conn:
             rows = series_instances(conn, series_uid)
-        dss = [pydicom.dcmread(self._path(tier, path)) for _, tier, path in rows]
+        dss = [pydicom.dcmread(self._source(tier, path)) for _, tier, path in rows]
 
         def order(ds: Dataset) -> tuple[float, float]:
             pos = ds.get("ImagePositionPatient")
