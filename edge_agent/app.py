@@ -156,8 +156,7 @@ class EdgeApp:
                     metrics=self.metrics,
                 )
                 self.uplink.after_pull.append(self.updater.check)
-        self.tiers = Tiers(cfg, self.store)
-        self.tiers.recover()
+        self.tiers = Tiers(cfg, self.store)  # its crash recovery runs under the jobs' lock
         self.inference.tiers = self.tiers
         self.lifecycle = Lifecycle(
             cfg,

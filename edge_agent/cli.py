@@ -117,10 +117,39 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent studies --config /srv/edge/edge-agent.toml --state COMPLETE",
     )
     _config_arg(sp)
+    sp.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "restore"],
+        default="list",
+        help="restore UID: bring an archived/cold study back to hot",
+    )
+    sp.add_argument("uid", nargs="?", help="study instance UID (restore)")
     sp.add_argument("--state", choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"])
     sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="restore: wait")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=_cmd_studies)
+
+    sp = add(
+        "storage",
+        "storage tiers: usage, pending archive, jobs; run jobs now; add a cold-tier key",
+        "edge-agent storage status --config /srv/edge/edge-agent.toml",
+    )
+    ssub = sp.add_subparsers(title="storage commands", metavar="ACTION")
+    st = ssub.add_parser("status", help="usage per tier, oldest data, pending archive, jobs")
+    _config_arg(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_cmd_storage_status)
+    st = ssub.add_parser(
+        "run", help="run lifecycle jobs now (tiers, archive, integrity, maintenance)"
+    )
+    _config_arg(st)
+    st.add_argument("jobs", nargs="*", metavar="JOB", help="tiers|archive|integrity|maintenance")
+    st.set_defaults(func=_cmd_storage_run)
+    st = ssub.add_parser("new-key", help="add a cold-tier key; new cold files use it")
+    _config_arg(st)
+    st.set_defaults(func=_cmd_storage_new_key)
 
     sp = add(
         "quarantine",
@@ -600,10 +629,149 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _lifecycle(cfg: Config, store: Store, *, with_hub: bool) -> Any:
+    from edge_agent.clock import SystemClock
+    from edge_agent.lifecycle.manager import Lifecycle
+    from edge_agent.lifecycle.tiers import Tiers
+    from edge_agent.metrics import create_metrics
+    from edge_agent.sync.client import Credential, HttpHubClient
+    from edge_agent.sync.state import load_hlc
+    from hub_protocol import HybridClock
+
+    clock = SystemClock()
+    hub = None
+    cred = cfg.sync.credential_path(cfg.storage.data_dir)
+    if with_hub and cred.exists():
+        hub = HttpHubClient(Credential.load(cred), ca_file=cfg.sync.hub_ca_file)
+    with store.read() as conn:
+        last = load_hlc(conn)
+    return Lifecycle(
+        cfg,
+        store=store,
+        tiers=Tiers(cfg, store),
+        clock=clock,
+        metrics=create_metrics(),
+        archive=hub,
+        hlc=HybridClock(cfg.sync.node_id, wall=clock.now, last=last),
+    )
+
+
+def _cmd_storage_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    try:
+        st = _lifecycle(cfg, store, with_hub=True).status()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return EXIT_OK
+    print(f"{'TIER':<6} {'INSTANCES':>9} {'BYTES':>12} {'FS USED':>7} {'FS FREE':>10}  OLDEST")
+    for t in st["tiers"]:
+        oldest = _fmt_time(t["oldest_received_at"]) if t["oldest_received_at"] else "-"
+        print(
+            f"{t['tier']:<6} {t['instances']:>9} {t['bytes']:>12} {t['fs_used']:>7.0%} "
+            f"{t['fs_free'] // 2**20:>7} MiB  {oldest}  ({t['root']})"
+        )
+    print(
+        f"archived at the hub: {st['archived_instances']} instance(s); pending archive: "
+        f"{st['pending_archive']}" + ("" if st["archive_enabled"] else " (archive off)")
+    )
+    for r in st["restores"]:
+        done = "done" if r["finished_at"] and not r["error"] else r["error"] or "waiting"
+        print(f"restore {r['study_uid']}: {done}")
+    if st["integrity_reports"]:
+        print(f"CORRUPT FILES FOUND: {st['integrity_reports']} (see the agent log)")
+    for name, j in sorted(st["jobs"].items()):
+        nxt = _fmt_time(j["next_run_at"]) if j["next_run_at"] else "-"
+        print(
+            f"job {name:<12} last {j['last_status'] or '-':<5} next {nxt}  {j['last_detail'] or ''}"
+        )
+    return EXIT_OK
+
+
+def _cmd_storage_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    cfg = _load(args)
+    store = _open_store(cfg)
+    lc = _lifecycle(cfg, store, with_hub=True)
+    known = ["tiers", "archive", "integrity", "maintenance"]
+    jobs = args.jobs or known
+    if set(jobs) - set(known):
+        raise EdgeError(f"unknown job(s) {sorted(set(jobs) - set(known))}; jobs: {known}")
+
+    async def go() -> dict[str, str]:
+        try:
+            ran: dict[str, str] = await lc.run_due(only=jobs)
+            return ran
+        finally:
+            if lc._archive is not None:
+                await lc._archive.close()
+
+    try:
+        ran = asyncio.run(go())
+    finally:
+        store.close()
+    for name, outcome in ran.items():
+        print(f"{name}: {outcome}")
+    return EXIT_OK if all(v.startswith("ok") for v in ran.values()) else EXIT_ERROR
+
+
+def _cmd_storage_new_key(args: argparse.Namespace) -> int:
+    from edge_agent.lifecycle.coldcrypt import add_key
+
+    cfg = _load(args)
+    path = Path(cfg.lifecycle.cold_key_file)
+    if not path.is_absolute():
+        path = Path(cfg.storage.data_dir) / path
+    kid = add_key(path)
+    print(f"added cold-tier key {kid} to {path}; new cold files use it, older ones keep theirs")
+    print("back this file up apart from the data: without it cold data cannot be read")
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
+    from edge_agent.lifecycle.manager import _request_restore
+
+    if not args.uid:
+        raise EdgeError("studies restore needs a study instance UID")
+    store = _open_store(cfg)
+    try:
+        if not store.query("SELECT 1 FROM studies WHERE study_uid = ?", (args.uid,)):
+            raise EdgeError(f"no study {args.uid}")
+        store.writer.call(
+            lambda c: _request_restore(
+                c, study_uid=args.uid, by=f"cli:{os.environ.get('USER', '?')}", now=time.time()
+            )
+        )
+        print(f"restore of {args.uid} requested; the running agent brings it back to hot")
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            row = store.query(
+                "SELECT finished_at, error FROM restore_requests WHERE study_uid = ?", (args.uid,)
+            )[0]
+            if row[0] is not None:
+                if row[1]:
+                    print(f"restore failed: {row[1]}", file=sys.stderr)
+                    return EXIT_ERROR
+                print("restored: every instance is on the hot tier")
+                return EXIT_OK
+            time.sleep(0.5)
+    finally:
+        store.close()
+    if args.wait:
+        print("not finished yet (is the agent running?); edge-agent storage status shows it")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def _cmd_studies(args: argparse.Namespace) -> int:
     from edge_agent.studies.models import StudyState
     from edge_agent.studies.store import list_studies
 
+    if args.action == "restore":
+        return _cmd_restore(args, _load(args))
     store = _open_store(_load(args))
     try:
         state = StudyState(args.state) if args.state else None

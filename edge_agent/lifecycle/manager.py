@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +52,10 @@ log = logging.getLogger(__name__)
 DAY = 86400.0
 AT_REST = ("DONE", "FAILED")
 NEXT_TIER = {"hot": "warm", "warm": "cold"}
+
+
+class LifecycleBusy(EdgeError):
+    """Another process holds the lifecycle lock."""
 
 
 class ArchiveClient(Protocol):
@@ -148,6 +154,23 @@ class Lifecycle:
         other, so jobs never overlap. Each job's next run is persisted: a restart keeps the
         schedule. A job that fails is logged and retried at its next time."""
         ran: dict[str, str] = {}
+        lock = Path(self._cfg.storage.data_dir) / "lifecycle.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LifecycleBusy(
+                    "another process (the running agent?) is running the lifecycle jobs"
+                ) from None
+            await asyncio.to_thread(self.tiers.recover)  # moves a crash left half-done
+            await self._run_due(ran, only)
+        finally:
+            os.close(fd)
+        self.update_metrics()
+        return ran
+
+    async def _run_due(self, ran: dict[str, str], only: Sequence[str]) -> None:
         for name, trigger, fn in self.jobs:
             now = self._clock.now()
             rows = self._store.query(
@@ -183,14 +206,19 @@ class Lifecycle:
             )
             self._metrics.lifecycle_runs.labels(name, status).inc()
             ran[name] = f"{status}: {detail}"
-        self.update_metrics()
-        return ran
 
-    async def run(self, stop: asyncio.Event, tick_s: float = 5.0) -> None:
-        """Run due jobs until ``stop`` is set."""
+    async def run(self, stop: asyncio.Event, tick_s: float | None = None) -> None:
+        """Run due jobs until ``stop`` is set (looking every ``tick_s``: by default 5 s, or
+        the shortest job interval if shorter)."""
+        lc = self._lc
+        tick_s = tick_s or min(
+            5.0, lc.tier_interval_s, lc.archive_interval_s, lc.integrity_interval_s
+        )
         while not stop.is_set():
             try:
                 await self.run_due()
+            except LifecycleBusy as exc:
+                log.warning("lifecycle jobs skipped: %s", exc)
             except Exception:
                 log.exception("lifecycle scheduler error; retrying next tick")
             with contextlib.suppress(TimeoutError):
