@@ -97,3 +97,68 @@ def test_injected_enospc_mid_write(
     monkeypatch.setattr(spool_module.os, "write", real_write)
     assert storescu(app.listener.port, *study.files[1:]).returncode == 0
     assert app.store.query("SELECT count(*) FROM instances")[0][0] == 4
+
+
+def test_disk_pressure_evicts_only_what_the_hub_has_then_refuses_then_recovers(
+    app_factory: Any, tmp_path: Path, clock: Any, small_fs: Path
+) -> None:
+    """A full hot tier: the lifecycle drops archived copies (the hub has them), never a study
+    that is not at the hub nor one still being received; with nothing else safe to free the
+    listener answers 0xA700 and the pressure alert is on; once that study is at rest and
+    moves to warm (another filesystem), ingest resumes without a restart."""
+    import asyncio
+
+    from edge_agent.lifecycle.manager import DAY
+    from edge_agent.samples import make_study
+    from tests.integration.test_lifecycle import _lifecycle, _send, _tiers, _with_hub
+
+    subprocess.run(["mount", "-o", "remount,size=6m", str(small_fs)], check=True)
+    cfg = make_config(
+        tmp_path,
+        storage={"hot_dir": str(small_fs / "hot"), "min_free_mb": 1},
+        lifecycle={"hot_high_watermark": 0.5, "hot_low_watermark": 0.3},
+    )
+    app = app_factory(cfg)
+    pressure = ("edge_storage_pressure", {"tier": "hot"})
+
+    async def body(hub_store: Any, hub: Any, up: Any) -> None:
+        lc = _lifecycle(app, hub)
+        archived = _send(app, clock, tmp_path, "arch", slices=8)
+        clock.advance(91 * DAY)
+        await lc.run_due(only=["tiers"])
+        await lc.run_due(only=["archive"])
+        assert _tiers(app, archived) == {"archived"}
+        lc.request_restore(archived, by="radiologist")  # a prior, read again today
+        await lc.run_due(only=["tiers"])
+        assert _tiers(app, archived) == {"hot"}
+        # a big study arrives and is still being received (RECEIVING: not at rest)
+        big = make_study(tmp_path / "big", modality="CT", slices=42, size=256, seed="big")
+        r = storescu(app.listener.port, *big.files[:30])
+        assert r.returncode == 0, r.stderr
+        receiving = app.store.query("SELECT study_uid FROM studies WHERE state = 'RECEIVING'")
+        assert [x[0] for x in receiving] == [big.study_uid]
+        assert lc._fs_used("hot") > 0.5
+        lc.relieve_pressure()
+        assert _tiers(app, archived) == {"archived"}  # the archived copy went first
+        assert _tiers(app, big.study_uid) == {"hot"}  # untouched: not at rest, not at the hub
+        assert app.metrics.registry.get_sample_value(*pressure) == 1.0
+        # the rest of the big study does not fit: 0xA700, nothing acknowledged is lost
+        r = storescu(app.listener.port, *big.files[30:], extra=("-v",))
+        assert any(s.startswith("Refused: OutOfResources") for s in _statuses(r.stderr))
+        stored = app.store.query("SELECT path, sha256 FROM instances WHERE tier = 'hot'")
+        for row in stored:
+            data = split_part10((small_fs / "hot" / row["path"]).read_bytes())[1]
+            assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        # the study completes (at rest): pressure moves it to warm, space returns
+        clock.advance(11)
+        app.assembly.tick()
+        app.inference.drain()
+        lc.relieve_pressure()
+        assert _tiers(app, big.study_uid) == {"warm"}
+        assert app.metrics.registry.get_sample_value(*pressure) == 0.0
+        r = storescu(app.listener.port, *big.files[30:], extra=("-v",))
+        assert r.returncode == 0 and "OutOfResources" not in r.stderr, r.stderr
+        n = app.store.query("SELECT count(*) FROM instances WHERE study_uid = ?", (big.study_uid,))
+        assert n[0][0] == 42
+
+    asyncio.run(_with_hub(tmp_path, app, body))
