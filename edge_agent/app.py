@@ -242,6 +242,7 @@ class EdgeApp:
             ),
             "studies": studies,
             "inference_devices": list(self.inference.devices),
+            "storage": self.lifecycle.summary(),
             "version": __version__,
         }
 

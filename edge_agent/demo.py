@@ -523,6 +523,9 @@ def run_demo(workdir: Path) -> int:
         cli_main(["associations", "--config", str(cfg), "--limit", "10"])
 
         _model_rollout(ops, workdir, cfg, port, samples)
+
+        _step("edge-agent storage status (tiers; studies age hot -> warm -> cold -> hub archive)")
+        cli_main(["storage", "status", "--config", str(cfg)])
     finally:
         _step("stopping the agent with SIGTERM")
         agent.send_signal(signal.SIGTERM)

@@ -27,6 +27,8 @@ class Metrics:
     storage_corrupt: Counter
     storage_bytes: Gauge
     storage_used_ratio: Gauge
+    storage_oldest_seconds: Gauge
+    storage_pending_archive: Gauge
     sync_connectivity: Gauge
     outbox_depth: Gauge
     outbox_oldest_seconds: Gauge
@@ -138,6 +140,17 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "edge_storage_tier_used_ratio",
             "Share of each tier's filesystem in use",
             ["tier"],
+            registry=reg,
+        ),
+        storage_oldest_seconds=Gauge(
+            "edge_storage_oldest_seconds",
+            "Age of the oldest instance on each tier",
+            ["tier"],
+            registry=reg,
+        ),
+        storage_pending_archive=Gauge(
+            "edge_storage_pending_archive",
+            "Instances ready for the hub archive (past their archive age, results at the hub)",
             registry=reg,
         ),
         model_rollbacks=Counter(

@@ -607,9 +607,21 @@ class Lifecycle:
         }
 
     def update_metrics(self) -> None:
+        now = self._clock.now()
         for t in self.usage():
             self._metrics.storage_bytes.labels(t.tier).set(t.bytes)
             self._metrics.storage_used_ratio.labels(t.tier).set(t.fs_used)
+            age = max(0.0, now - t.oldest_received_at) if t.oldest_received_at else 0.0
+            self._metrics.storage_oldest_seconds.labels(t.tier).set(age)
+        pending = len(self._archive_candidates()) if self._lc.archive else 0
+        self._metrics.storage_pending_archive.set(pending)
+
+    def summary(self) -> dict[str, Any]:
+        """For heartbeats: per tier instances, bytes and filesystem use."""
+        return {
+            t.tier: {"instances": t.instances, "bytes": t.bytes, "fs_used": round(t.fs_used, 3)}
+            for t in self.usage()
+        }
 
 
 def _blob_of(blobs: dict[str, bytes], p: Placement) -> bytes:

@@ -135,7 +135,15 @@ def test_a_study_ages_through_every_tier_to_the_archive_and_back(
         clock.advance(60 * DAY + 60)
         # its result is not at the hub yet: nothing may be archived
         assert await lc.archive_due() == (0, 0)
+        lc.update_metrics()
+        gauge = app.metrics.registry.get_sample_value
+        assert gauge("edge_storage_pending_archive") == 0  # not eligible while unsynced
+        assert gauge("edge_storage_tier_bytes", {"tier": "cold"}) == sum(
+            len(b) for b in original.values()
+        )
         await up.drain()
+        lc.update_metrics()
+        assert gauge("edge_storage_pending_archive") == 4
         n, nbytes = await lc.archive_due()
         assert n == 4 and nbytes > 0
         assert _tiers(app, uid) == {"archived"} and not _files(cold_root)
@@ -158,6 +166,9 @@ def test_a_study_ages_through_every_tier_to_the_archive_and_back(
         assert f"archive/{uid}" in keys
         status = lc.status()
         assert status["archived_instances"] == 4 and status["pending_archive"] == 0
+        lc.update_metrics()
+        assert gauge("edge_storage_pending_archive") == 0
+        assert app.health()["storage"]["cold"]["instances"] == 0
         # restore on request: back on hot, bytes identical, and it stays there a while
         lc.request_restore(uid, by="test")
         await lc.run_due(only=["tiers"])
