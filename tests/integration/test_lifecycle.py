@@ -276,3 +276,48 @@ def test_interrupted_moves_are_finished_or_undone_at_restart(
     assert not (app.tiers.root("hot") / b.path).exists() and (warm / b.path).exists()
     assert _bytes(app, uid) == original
     assert app.store.query("SELECT count(*) FROM tier_moves")[0][0] == 0
+
+
+def test_jobs_keep_their_schedule_across_restarts_and_never_overlap(
+    app_factory: Any, tmp_path: Path, clock: Any
+) -> None:
+    import datetime as dt
+    import fcntl
+
+    from edge_agent.lifecycle.manager import LifecycleBusy
+
+    cfg = make_config(
+        tmp_path,
+        lifecycle={
+            "tier_interval_s": 300.0,
+            "archive_interval_s": 600.0,
+            "integrity_interval_s": 3600.0,
+        },
+    )
+    app = app_factory(cfg)
+    start = dt.datetime(2026, 11, 26, 1, 0, tzinfo=dt.UTC).timestamp()
+    clock.set(start)
+    ran = asyncio.run(_lifecycle(app, None).run_due())
+    assert set(ran) == {"tiers", "archive", "integrity"}  # maintenance waits for 03:30 UTC
+    jobs = {r["name"]: r["next_run_at"] for r in app.store.query("SELECT * FROM lifecycle_jobs")}
+    assert jobs == {
+        "tiers": start + 300,
+        "archive": start + 600,
+        "integrity": start + 3600,
+        "maintenance": dt.datetime(2026, 11, 26, 3, 30, tzinfo=dt.UTC).timestamp(),
+    }
+    restarted = _lifecycle(app, None)  # a new process: the schedule is in the store
+    clock.advance(299)
+    assert asyncio.run(restarted.run_due()) == {}
+    clock.advance(2)
+    assert set(asyncio.run(restarted.run_due())) == {"tiers"}
+    clock.set(dt.datetime(2026, 11, 26, 3, 30, 5, tzinfo=dt.UTC).timestamp())
+    assert set(asyncio.run(restarted.run_due())) == {"tiers", "archive", "integrity", "maintenance"}
+    # another process holding the lock: this one runs nothing, and says why
+    fd = os.open(Path(cfg.storage.data_dir) / "lifecycle.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(LifecycleBusy, match="another process"):
+            asyncio.run(restarted.run_due(only=["tiers"]))
+    finally:
+        os.close(fd)
