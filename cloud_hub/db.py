@@ -190,6 +190,9 @@ archive_objects = sa.Table(  # each site's archived instances (encrypted at the 
     sa.Column("stored_at", sa.Float, nullable=False),
 )
 
+#: install steps a site reports while it works on a version (not a decision yet)
+IN_PROGRESS = frozenset({"downloading", "verifying", "self_test"})
+
 MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
     ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
     ("0002_conflicts", (conflict_queue,)),
@@ -801,6 +804,7 @@ class HubStore:
                     )
                 )
             }
+        reports = {s: r for s, r in reports.items() if r[0] not in IN_PROGRESS}  # not yet
         refused = {s: reports[s][1] for s in targets if s in reports and reports[s][0] != "active"}
         if refused:
             site, why = next(iter(refused.items()))

@@ -13,6 +13,8 @@ For each one not yet decided, in this order, each step a gate:
 4. installation (copied and verified again), an ONNX Runtime session and the manifest
    self-test;
 5. activation: one transaction switches the active version; the previous version stays.
+   Each step is reported to the hub as it starts (``downloading``, ``verifying``,
+   ``self_test``), then the decision.
    An assignment in ``shadow`` mode stops before this step: the version becomes the model's
    shadow (:mod:`edge_agent.inference.shadow`) and its agreement with the active version is
    reported to the hub; a later normal assignment of the same version promotes it (verified
@@ -343,6 +345,7 @@ class ModelUpdater:
             if installed is None or not (was and was[0][0] == SHADOW):
                 installed = await self._fetch_and_install(rel, assignment)
             # else: promoting our shadow, installed from this signed release: no new download
+            await self._report(name, version, "self_test", "loading in ONNX Runtime")
             ModelRunner(self._registry.load(installed), providers=["cpu"])  # self-test
             if mode == SHADOW:
                 self._registry.set_shadow(name, version)
@@ -387,6 +390,10 @@ class ModelUpdater:
         """Download (resuming), verify the archive and its package, install (not active)."""
         self._staging.mkdir(parents=True, exist_ok=True)
         part = self._staging / f"{rel.archive_sha256}.part"
+        have = part.stat().st_size if part.exists() else 0
+        await self._report(
+            rel.name, rel.version, "downloading", f"{have} of {rel.archive_size} bytes here"
+        )
         await self._source.download(str(assignment["archive"]), part, limit=rel.archive_size)
         data = part.read_bytes()
         if len(data) < rel.archive_size:
@@ -394,6 +401,7 @@ class ModelUpdater:
                 "incomplete",
                 f"download stopped at {len(data)} of {rel.archive_size} bytes; will resume",
             )
+        await self._report(rel.name, rel.version, "verifying", "archive hash, package files")
         verify_archive(data, rel)
         archive = part.with_suffix(".tar")
         part.replace(archive)

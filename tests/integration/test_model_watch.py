@@ -354,6 +354,9 @@ def test_shadow_sites_do_not_hold_up_a_rollout_and_get_the_version_when_it_reach
     store.assign(rel.name, rel.version, [b], shadow=True)
     store.report_install(b, rel.name, rel.version, "shadow", "shadow: agreement 0.5")
     store.start_rollout(rel.name, rel.version, canary=[a], percent=100)
+    for step in ("downloading", "verifying", "self_test"):  # the canary at work: wait
+        store.report_install(a, rel.name, rel.version, step, "")
+        assert store.advance_rollout(rel.name, rel.version) == "canary"
     store.report_install(a, rel.name, rel.version, "active", "")
     assert store.advance_rollout(rel.name, rel.version) == "percent"  # not paused by B
     with store.engine.connect() as conn:
