@@ -32,12 +32,13 @@ bench: system-deps venv
 
 system-deps:
 	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
-	    && command -v storescp >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; \
+	    && command -v storescp >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    && command -v chromium >/dev/null && command -v chromedriver >/dev/null; \
 	then :; else \
-	  echo "installing DCMTK and PostgreSQL (apt-get)"; \
+	  echo "installing DCMTK, PostgreSQL and Chromium (apt-get)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    dcmtk postgresql; \
+	    dcmtk postgresql chromium chromium-driver; \
 	fi
 
 venv: $(STAMP)

@@ -12,10 +12,14 @@ import contextlib
 import logging
 import signal
 import sqlite3
+import ssl
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import generate_latest
 
 from edge_agent import __version__
 from edge_agent.clock import Clock, SystemClock
@@ -36,6 +40,9 @@ from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater, WatchSettings
 from edge_agent.sync.state import load_hlc
 from edge_agent.sync.uplink import Uplink, UplinkSettings
+from edge_agent.web.accounts import Accounts
+from edge_agent.web.app import WebDeps
+from edge_agent.web.app import create_app as create_web_app
 from hub_protocol import HybridClock
 from hub_protocol.releases import key_id, load_public_key
 
@@ -168,6 +175,14 @@ class EdgeApp:
             hlc=self.hlc,
             is_idle=self._idle,
         )
+        w = cfg.web
+        self.accounts = Accounts(
+            self.store,
+            session_ttl_s=w.session_ttl_s,
+            lockout_attempts=w.lockout_attempts,
+            lockout_s=w.lockout_s,
+        )
+        self.web_port: int | None = None
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
         )
@@ -224,6 +239,37 @@ class EdgeApp:
             )
         return report
 
+    def web_deps(self) -> WebDeps:
+        """What the web app needs, bound to this agent."""
+        up = self.uplink
+        return WebDeps(
+            cfg=self.cfg,
+            store=self.store,
+            accounts=self.accounts,
+            clock=self.clock,
+            metrics_text=lambda: generate_latest(self.metrics.registry),
+            health=self.health,
+            ready=self.ready,
+            read_instance=self.tiers.read,
+            storage_status=self.lifecycle.status,
+            request_restore=lambda uid, by: self.lifecycle.request_restore(uid, by=by),
+            review_hook=up.wake if up is not None else None,
+            hlc=self.hlc,
+        )
+
+    def ready(self) -> dict[str, str]:
+        """Readiness checks: name -> "" when fine, else why not."""
+        checks = {"store": "", "listener": "", "models": ""}
+        try:
+            self.store.writer.call(lambda c: c.execute("SELECT 1"), timeout=5)
+        except Exception as exc:  # any failure means not ready; the reason is shown
+            checks["store"] = f"store not writable: {exc}"
+        if self.listener._server is None:
+            checks["listener"] = "DICOM listener not accepting"
+        if self.cfg.inference.enabled and not self.registry.active():
+            checks["models"] = "no active model installed"
+        return checks
+
     def _idle(self) -> bool:
         """No association open and no inference job running (for database upkeep)."""
         running = self.store.query("SELECT count(*) FROM inference_jobs WHERE state = 'RUNNING'")
@@ -252,6 +298,28 @@ class EdgeApp:
         (self.data_dir / CLEAN_STOP_MARKER).write_text(
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n"
         )
+
+    async def _start_web(self) -> web.AppRunner:
+        w = self.cfg.web
+        runner = web.AppRunner(create_web_app(self.web_deps()), access_log=None)
+        await runner.setup()
+        ssl_ctx = None
+        if w.tls_cert:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ssl_ctx.load_cert_chain(w.tls_cert, w.tls_key)
+        site = web.TCPSite(runner, w.bind_address, w.port, ssl_context=ssl_ctx)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise EdgeError(
+                f"cannot serve the web UI on {w.bind_address}:{w.port}: {exc.strerror or exc}"
+            ) from exc
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.web_port = int(sockets[0].getsockname()[1]) if sockets else w.port
+        return runner
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down cleanly.
@@ -294,13 +362,16 @@ class EdgeApp:
             if self.updater is not None
             else None
         )
-        log.info("edge agent ready", extra={"port": self.listener.port})
+        runner = await self._start_web() if self.cfg.web.enabled else None
+        log.info("edge agent ready", extra={"port": self.listener.port, "web_port": self.web_port})
         try:
             await stop.wait()
         finally:
             log.info("shutting down: refusing new associations, finishing in-flight ones")
             aborted = await asyncio.to_thread(self.listener.stop)
             stop.set()
+            if runner is not None:
+                await runner.cleanup()
             await worker
             if inference is not None:
                 await inference

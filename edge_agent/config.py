@@ -222,6 +222,27 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WebConfig:
+    """The local web UI, REST API (``/api/v1``), ``/metrics``, ``/healthz``, ``/readyz``.
+
+    Served on ``bind_address``:``port`` (0 = any free port, for tests), over HTTPS when
+    ``tls_cert`` and ``tls_key`` are set (session cookies are then marked Secure). Sessions
+    last ``session_ttl_s``; ``lockout_attempts`` failed logins in a row lock an account for
+    ``lockout_s``. The worklist refreshes itself every ``refresh_s``.
+    """
+
+    enabled: bool = True
+    bind_address: str = "0.0.0.0"
+    port: int = 8080
+    tls_cert: str = ""
+    tls_key: str = ""
+    session_ttl_s: float = 28800.0
+    lockout_attempts: int = 5
+    lockout_s: float = 900.0
+    refresh_s: float = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Destination:
     """A DICOM destination (PACS) results are sent to: ``ae_title`` at ``host``:``port``."""
 
@@ -310,6 +331,7 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def models_dir(self) -> Path:
@@ -666,6 +688,19 @@ def validate(cfg: Config) -> None:
     if not 0 < inf.shadow_agreement <= 1:
         raise ConfigError("inference.shadow_agreement", "must be in (0, 1]")
     _validate_lifecycle(cfg.lifecycle)
+    w = cfg.web
+    if not 0 <= w.port <= 65535:
+        raise ConfigError("web.port", f"must be 0..65535, got {w.port}")
+    if bool(w.tls_cert) != bool(w.tls_key):
+        raise ConfigError("web.tls_cert", "web.tls_cert and web.tls_key go together")
+    if not 60 <= w.session_ttl_s <= 7 * 86400:
+        raise ConfigError("web.session_ttl_s", "must be 60..604800 seconds")
+    if not 1 <= w.lockout_attempts <= 100:
+        raise ConfigError("web.lockout_attempts", "must be 1..100")
+    if not 1 <= w.lockout_s <= 86400:
+        raise ConfigError("web.lockout_s", "must be 1..86400 seconds")
+    if not 0.5 <= w.refresh_s <= 3600:
+        raise ConfigError("web.refresh_s", "must be 0.5..3600 seconds")
 
     res = cfg.results
     _check_ae("results.calling_ae_title", res.calling_ae_title)

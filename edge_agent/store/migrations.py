@@ -348,6 +348,56 @@ MIGRATIONS: Sequence[Migration] = (
         );
         """,
     ),
+    Migration(
+        "0009_web",
+        """
+        CREATE TABLE users (
+            username        TEXT PRIMARY KEY,
+            role            TEXT NOT NULL,             -- radiologist|operator|admin
+            password_hash   TEXT NOT NULL,             -- scrypt$n$r$p$salt$hash (base64)
+            failed_logins   INTEGER NOT NULL DEFAULT 0,
+            locked_until    REAL NOT NULL DEFAULT 0,
+            created_at      REAL NOT NULL,
+            disabled        INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE sessions (
+            token_sha256    TEXT PRIMARY KEY,          -- the cookie value is never stored
+            username        TEXT NOT NULL REFERENCES users(username),
+            csrf_token      TEXT NOT NULL,
+            created_at      REAL NOT NULL,
+            expires_at      REAL NOT NULL,
+            remote          TEXT NOT NULL
+        );
+        CREATE TABLE api_tokens (
+            token_sha256    TEXT PRIMARY KEY,
+            name            TEXT NOT NULL UNIQUE,
+            username        TEXT NOT NULL REFERENCES users(username),
+            created_at      REAL NOT NULL,
+            revoked_at      REAL
+        );
+        CREATE TABLE audit_log (                       -- who did or saw what, when, from where
+            id              INTEGER PRIMARY KEY,
+            at              REAL NOT NULL,
+            username        TEXT NOT NULL,
+            action          TEXT NOT NULL,             -- e.g. study.view, review.create, login
+            target          TEXT NOT NULL,
+            remote          TEXT NOT NULL,
+            request_id      TEXT NOT NULL,
+            detail          TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX audit_log_at ON audit_log(at);
+        CREATE TABLE reviews (                         -- a radiologist's verdict on a finding
+            review_id       TEXT PRIMARY KEY,          -- UUIDv7
+            result_id       TEXT NOT NULL REFERENCES results(result_id),
+            finding         TEXT NOT NULL,             -- label / measurement name
+            decision        TEXT NOT NULL,             -- accept|reject|comment
+            comment         TEXT NOT NULL DEFAULT '',
+            username        TEXT NOT NULL,
+            created_at      REAL NOT NULL
+        );
+        CREATE INDEX reviews_result ON reviews(result_id);
+        """,
+    ),
 )
 
 

@@ -1,0 +1,256 @@
+"""Local accounts: users with roles, scrypt password hashes, sessions, API tokens, lockout,
+and the audit log.
+
+- Passwords: scrypt (``cryptography``; n=2**15, r=8, p=1, 16-byte salt, 32-byte key),
+  stored as ``scrypt$n$r$p$salt$key`` (base64); compared in constant time.
+- Sessions: a random 32-byte token in a cookie (HttpOnly, SameSite=Strict, Secure when the UI
+  is served over TLS); only its SHA-256 is stored, with a CSRF token and an expiry. A login
+  always creates a new session (no fixation); logout deletes it.
+- API tokens for machines: random, shown once, stored as SHA-256, act as their user.
+- Lockout: ``web.lockout_attempts`` failed logins in a row lock the account for
+  ``web.lockout_s``; a locked account answers like a bad password (no user enumeration).
+- Roles: ``radiologist`` (read studies, review findings), ``operator`` (node status, storage,
+  models; no patient data beyond the worklist), ``admin`` (everything, users, audit export).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from functools import partial
+
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from edge_agent.errors import EdgeError
+from edge_agent.store import Store
+
+ROLES = ("radiologist", "operator", "admin")
+_USERNAME = re.compile(r"[a-z][a-z0-9._-]{1,63}")
+N, R, P = 2**15, 8, 1
+
+
+class AuthFailed(EdgeError):
+    """Wrong credentials, locked or disabled account (one message for all: no enumeration)."""
+
+
+class AccountError(EdgeError):
+    """A user-management request that cannot be done as asked."""
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Session:
+    user: User
+    csrf_token: str
+    token_sha256: str
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def hash_password(password: str, *, n: int = N) -> str:
+    salt = secrets.token_bytes(16)
+    key = Scrypt(salt=salt, length=32, n=n, r=R, p=P).derive(password.encode())
+    return f"scrypt${n}${R}${P}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, key = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = Scrypt(salt=base64.b64decode(salt), length=32, n=int(n), r=int(r), p=int(p)).derive(
+            password.encode()
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(key))
+
+
+def check_password_policy(password: str) -> None:
+    if len(password) < 12:
+        raise AccountError("passwords need at least 12 characters")
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# a fixed hash to spend the same time on unknown users as on known ones
+_DUMMY = hash_password(secrets.token_urlsafe(16))
+
+
+class Accounts:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        session_ttl_s: float,
+        lockout_attempts: int,
+        lockout_s: float,
+    ) -> None:
+        self._store = store
+        self.session_ttl_s = session_ttl_s
+        self.lockout_attempts = lockout_attempts
+        self.lockout_s = lockout_s
+
+    # -- users ---------------------------------------------------------------------------
+
+    def add_user(self, username: str, role: str, password: str, *, now: float) -> User:
+        if not _USERNAME.fullmatch(username):
+            raise AccountError(
+                "usernames are 2-64 characters: lower-case letters, digits, '.', '_', '-'"
+            )
+        if role not in ROLES:
+            raise AccountError(f"role must be one of {', '.join(ROLES)}")
+        check_password_policy(password)
+        pw = hash_password(password)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+                raise AccountError(f"user {username} exists")
+            conn.execute(
+                "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                (username, role, pw, now),
+            )
+
+        self._store.writer.call(insert)
+        return User(username, role)
+
+    def users(self) -> list[dict[str, object]]:
+        return [
+            dict(r)
+            for r in self._store.query(
+                "SELECT username, role, failed_logins, locked_until, created_at, disabled "
+                "FROM users ORDER BY username"
+            )
+        ]
+
+    # -- login / sessions ----------------------------------------------------------------
+
+    def login(
+        self, username: str, password: str, *, remote: str, now: float
+    ) -> tuple[str, Session]:
+        """A new session (cookie token, session) or :class:`AuthFailed`."""
+        rows = self._store.query(
+            "SELECT username, role, password_hash, failed_logins, locked_until, disabled "
+            "FROM users WHERE username = ?",
+            (username,),
+        )
+        if not rows:
+            verify_password(password, _DUMMY)
+            raise AuthFailed("wrong username or password, or the account is locked")
+        u = rows[0]
+        ok = verify_password(password, u["password_hash"])
+        if u["disabled"] or u["locked_until"] > now or not ok:
+            if not ok:
+                self._store.writer.call(partial(_failed, username=username, now=now, acc=self))
+            raise AuthFailed("wrong username or password, or the account is locked")
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+
+        def open_session(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE users SET failed_logins = 0, locked_until = 0 WHERE username = ?",
+                (username,),
+            )
+            conn.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+            conn.execute(
+                "INSERT INTO sessions (token_sha256, username, csrf_token, created_at, "
+                "expires_at, remote) VALUES (?, ?, ?, ?, ?, ?)",
+                (_sha(token), username, csrf, now, now + self.session_ttl_s, remote),
+            )
+
+        self._store.writer.call(open_session)
+        return token, Session(User(username, u["role"]), csrf, _sha(token))
+
+    def session(self, token: str, *, now: float) -> Session | None:
+        rows = self._store.query(
+            "SELECT s.token_sha256, s.csrf_token, s.expires_at, u.username, u.role, u.disabled "
+            "FROM sessions s JOIN users u USING (username) WHERE s.token_sha256 = ?",
+            (_sha(token),),
+        )
+        if not rows or rows[0]["expires_at"] < now or rows[0]["disabled"]:
+            return None
+        r = rows[0]
+        return Session(User(r["username"], r["role"]), r["csrf_token"], r["token_sha256"])
+
+    def logout(self, session: Session) -> None:
+        self._store.writer.call(
+            lambda c: c.execute(
+                "DELETE FROM sessions WHERE token_sha256 = ?", (session.token_sha256,)
+            )
+        )
+
+    # -- API tokens ----------------------------------------------------------------------
+
+    def create_token(self, name: str, username: str, *, now: float) -> str:
+        """A new API token acting as ``username`` (returned once, stored hashed)."""
+        token = "edge_" + secrets.token_urlsafe(32)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            if not conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+                raise AccountError(f"no user {username}")
+            if conn.execute("SELECT 1 FROM api_tokens WHERE name = ?", (name,)).fetchone():
+                raise AccountError(f"a token named {name} exists")
+            conn.execute(
+                "INSERT INTO api_tokens (token_sha256, name, username, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (_sha(token), name, username, now),
+            )
+
+        self._store.writer.call(insert)
+        return token
+
+    def token_user(self, token: str) -> User | None:
+        rows = self._store.query(
+            "SELECT u.username, u.role FROM api_tokens t JOIN users u USING (username) "
+            "WHERE t.token_sha256 = ? AND t.revoked_at IS NULL AND u.disabled = 0",
+            (_sha(token),),
+        )
+        return User(rows[0][0], rows[0][1]) if rows else None
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def audit(
+        self,
+        *,
+        username: str,
+        action: str,
+        target: str,
+        remote: str,
+        request_id: str,
+        now: float,
+        detail: str = "",
+    ) -> None:
+        self._store.writer.call(
+            lambda c: c.execute(
+                "INSERT INTO audit_log (at, username, action, target, remote, request_id, "
+                "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (now, username, action, target, remote, request_id, detail[:1000]),
+            )
+        )
+
+
+def _failed(conn: sqlite3.Connection, *, username: str, now: float, acc: Accounts) -> None:
+    conn.execute(
+        "UPDATE users SET failed_logins = failed_logins + 1 WHERE username = ?", (username,)
+    )
+    (n,) = conn.execute(
+        "SELECT failed_logins FROM users WHERE username = ?", (username,)
+    ).fetchone()
+    if n >= acc.lockout_attempts:
+        conn.execute(
+            "UPDATE users SET locked_until = ?, failed_logins = 0 WHERE username = ?",
+            (now + acc.lockout_s, username),
+        )

@@ -1,0 +1,585 @@
+"""REST API ``/api/v1``: what the pages show and do, as JSON (see ``openapi.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from aiohttp import web
+
+from edge_agent.results.models import uuid7
+from edge_agent.sync.outbox import enqueue
+from edge_agent.sync.state import save_hlc
+from edge_agent.web.accounts import AccountError
+from edge_agent.web.app import DEPS, USER, ApiError, WebDeps, audit, require
+from edge_agent.web.images import PRESETS, render, seg_mask
+from hub_protocol import Lane, RecordType
+
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+STATES = ("RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED")
+DECISIONS = ("accept", "reject", "comment")
+RESULT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _uid(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if len(value) > 64 or not UID.fullmatch(value):
+        raise ApiError(400, "bad_request", f"{name} is not a DICOM UID")
+    return value
+
+
+def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, "bad_request", f"{name} must be {lo}..{hi}")
+    return value
+
+
+def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str:
+    value = request.query.get(name, "")
+    if value and value not in allowed:
+        raise ApiError(400, "bad_request", f"{name} must be one of {', '.join(allowed)}")
+    return value
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send application/json")
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        raise ApiError(400, "bad_request", "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], name: str, *, max_len: int = 200, required: bool = True) -> str:
+    value = body.get(name, "")
+    if not isinstance(value, str) or (required and not value) or len(value) > max_len:
+        raise ApiError(400, "bad_request", f"{name} must be a string of 1..{max_len} characters")
+    return value
+
+
+# -- worklist and studies -------------------------------------------------------------------
+
+WORKLIST_SQL = """
+SELECT * FROM (
+SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.modality,
+       s.study_date, s.description, s.state, s.first_received_at, s.last_received_at,
+       s.instance_count,
+       (SELECT count(*) FROM results r WHERE r.study_uid = s.study_uid
+         AND r.superseded_by IS NULL) AS results,
+       (SELECT coalesce(max(r.critical), 0) FROM results r WHERE r.study_uid = s.study_uid
+         AND r.superseded_by IS NULL) AS critical,
+       (SELECT count(*) FROM reviews v JOIN results r USING (result_id)
+         WHERE r.study_uid = s.study_uid AND r.superseded_by IS NULL) AS reviews
+FROM studies s
+WHERE (:q = '' OR instr(lower(s.patient_name), lower(:q)) OR instr(lower(s.patient_id), lower(:q))
+       OR instr(lower(s.accession_number), lower(:q)) OR instr(s.study_uid, :q))
+  AND (:state = '' OR s.state = :state)
+  AND (:modality = '' OR s.modality = :modality))
+WHERE (:critical < 0 OR critical = :critical)
+ORDER BY critical DESC, last_received_at DESC
+LIMIT :limit OFFSET :offset
+"""
+
+COUNT_SQL = """
+SELECT count(*) FROM (
+SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.modality,
+       s.study_date, s.description, s.state, s.first_received_at, s.last_received_at,
+       s.instance_count,
+       (SELECT count(*) FROM results r WHERE r.study_uid = s.study_uid
+         AND r.superseded_by IS NULL) AS results,
+       (SELECT coalesce(max(r.critical), 0) FROM results r WHERE r.study_uid = s.study_uid
+         AND r.superseded_by IS NULL) AS critical,
+       (SELECT count(*) FROM reviews v JOIN results r USING (result_id)
+         WHERE r.study_uid = s.study_uid AND r.superseded_by IS NULL) AS reviews
+FROM studies s
+WHERE (:q = '' OR instr(lower(s.patient_name), lower(:q)) OR instr(lower(s.patient_id), lower(:q))
+       OR instr(lower(s.accession_number), lower(:q)) OR instr(s.study_uid, :q))
+  AND (:state = '' OR s.state = :state)
+  AND (:modality = '' OR s.modality = :modality))
+WHERE (:critical < 0 OR critical = :critical)
+"""
+
+
+def _ai_status(row: sqlite3.Row) -> str:
+    state = row["state"]
+    if state in ("RECEIVING", "COMPLETE"):
+        return "waiting"
+    if state == "INFERRING":
+        return "running"
+    if state == "FAILED":
+        return "failed"
+    return f"{row['results']} result(s)" if row["results"] else "no model applies"
+
+
+@require("radiologist")
+async def list_studies(request: web.Request) -> web.Response:
+    """Worklist: studies, critical first then newest; filter by text, state, modality."""
+    deps = request.app[DEPS]
+    params: dict[str, str | int] = {
+        "q": request.query.get("q", "")[:100],
+        "state": _choice(request, "state", STATES),
+        "modality": request.query.get("modality", "")[:16].upper(),
+    }
+    critical = _choice(request, "critical", ("true", "false"))
+    params["critical"] = {"": -1, "true": 1, "false": 0}[critical]
+    limit, offset = _int(request, "limit", 100, 1, 500), _int(request, "offset", 0, 0, 10**9)
+
+    def query() -> tuple[list[sqlite3.Row], int]:
+        with deps.store.read() as conn:
+            rows = conn.execute(WORKLIST_SQL, {**params, "limit": limit, "offset": offset})
+            (total,) = conn.execute(COUNT_SQL, params).fetchone()
+            return rows.fetchall(), int(total)
+
+    rows, total = await asyncio.to_thread(query)
+    return web.json_response(
+        {
+            "total": total,
+            "studies": [
+                {
+                    "study_uid": r["study_uid"],
+                    "patient_name": r["patient_name"],
+                    "patient_id": r["patient_id"],
+                    "accession_number": r["accession_number"],
+                    "modality": r["modality"],
+                    "study_date": r["study_date"],
+                    "description": r["description"],
+                    "state": r["state"],
+                    "received_at": r["last_received_at"],
+                    "instances": r["instance_count"],
+                    "ai_status": _ai_status(r),
+                    "results": r["results"],
+                    "critical": bool(r["critical"]),
+                    "reviews": r["reviews"],
+                }
+                for r in rows
+            ],
+        }
+    )
+
+
+def study_detail(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | None:
+    """Everything the study page shows (shared by the API and the page)."""
+    s = conn.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+    if s is None:
+        return None
+    series = []
+    for se in conn.execute(
+        "SELECT * FROM series WHERE study_uid = ? ORDER BY series_number", (study_uid,)
+    ):
+        instances = [
+            {"sop_instance_uid": r[0], "tier": r[1]}
+            for r in conn.execute(
+                "SELECT i.sop_instance_uid, i.tier FROM instances i WHERE i.series_uid = ? AND "
+                "i.version = (SELECT max(version) FROM instances j WHERE j.sop_instance_uid = "
+                "i.sop_instance_uid) ORDER BY CAST(i.instance_number AS INTEGER), i.id",
+                (se["series_uid"],),
+            )
+        ]
+        series.append(
+            {
+                "series_uid": se["series_uid"],
+                "modality": se["modality"],
+                "series_number": se["series_number"],
+                "description": se["description"],
+                "body_part": se["body_part"],
+                "instances": instances,
+            }
+        )
+    results = []
+    for r in conn.execute(
+        "SELECT * FROM results WHERE study_uid = ? AND superseded_by IS NULL "
+        "ORDER BY model_name, created_at",
+        (study_uid,),
+    ):
+        findings = json.loads(r["findings"])
+        results.append(
+            {
+                "result_id": r["result_id"],
+                "series_uid": r["series_uid"],
+                "model_name": r["model_name"],
+                "model_version": r["model_version"],
+                "model_sha256": r["model_sha256"],
+                "provider": r["provider"],
+                "task": r["task"],
+                "critical": bool(r["critical"]),
+                "created_at": r["created_at"],
+                "findings": findings,
+                "finding_names": _finding_names(r["task"], findings),
+                "objects": [
+                    {"kind": o[0], "sop_instance_uid": o[1]}
+                    for o in conn.execute(
+                        "SELECT kind, sop_instance_uid FROM result_objects WHERE result_id = ?",
+                        (r["result_id"],),
+                    )
+                ],
+                "reviews": [
+                    dict(v)
+                    for v in conn.execute(
+                        "SELECT review_id, finding, decision, comment, username, created_at "
+                        "FROM reviews WHERE result_id = ? ORDER BY created_at",
+                        (r["result_id"],),
+                    )
+                ],
+            }
+        )
+    return {
+        "study_uid": s["study_uid"],
+        "patient_name": s["patient_name"],
+        "patient_id": s["patient_id"],
+        "accession_number": s["accession_number"],
+        "study_date": s["study_date"],
+        "description": s["description"],
+        "modality": s["modality"],
+        "state": s["state"],
+        "received_at": s["last_received_at"],
+        "instances": s["instance_count"],
+        "series": series,
+        "results": results,
+    }
+
+
+def _finding_names(task: str, findings: dict[str, Any]) -> list[str]:
+    if task == "segmentation":
+        return [str(findings.get("label", "finding"))]
+    return sorted(findings.get("probabilities", {}))
+
+
+@require("radiologist")
+async def get_study(request: web.Request) -> web.Response:
+    """One study: series, instances (tier), current results with findings and reviews."""
+    uid = _uid(request, "study_uid")
+    deps = request.app[DEPS]
+
+    def query() -> dict[str, Any] | None:
+        with deps.store.read() as conn:
+            return study_detail(conn, uid)
+
+    detail = await asyncio.to_thread(query)
+    if detail is None:
+        raise ApiError(404, "not_found", "no such study")
+    audit(request, "study.view", uid, "api")
+    return web.json_response(detail)
+
+
+@require("radiologist")
+async def series_image(request: web.Request) -> web.Response:
+    """PNG of one slice (index in instance order), window preset, AI overlay."""
+    series_uid = _uid(request, "series_uid")
+    index = _int(request, "index", 0, 0, 100000)
+    preset = _choice(request, "preset", tuple(PRESETS)) or "auto"
+    overlay = _choice(request, "overlay", ("0", "1")) != "0"
+    deps = request.app[DEPS]
+
+    def build() -> bytes:
+        with deps.store.read() as conn:
+            rows = conn.execute(
+                "SELECT i.sop_instance_uid, i.tier, i.path, i.study_uid FROM instances i WHERE "
+                "i.series_uid = ? AND i.version = (SELECT max(version) FROM instances j WHERE "
+                "j.sop_instance_uid = i.sop_instance_uid) "
+                "ORDER BY CAST(i.instance_number AS INTEGER), i.id",
+                (series_uid,),
+            ).fetchall()
+            seg = conn.execute(
+                "SELECT o.path FROM results r JOIN result_objects o USING (result_id) WHERE "
+                "r.series_uid = ? AND r.superseded_by IS NULL AND o.kind = 'SEG' "
+                "ORDER BY r.created_at DESC LIMIT 1",
+                (series_uid,),
+            ).fetchone()
+        if not rows:
+            raise ApiError(404, "not_found", "no such series")
+        if index >= len(rows):
+            raise ApiError(400, "bad_request", f"index must be 0..{len(rows) - 1}")
+        sop, tier, path, _ = rows[index]
+        ds = pydicom.dcmread(io.BytesIO(deps.read_instance(tier, path)))
+        mask = None
+        if overlay and seg is not None:
+            mask = seg_mask(Path(deps.cfg.storage.data_dir) / seg[0], sop)
+        return render(ds, preset=preset, mask=mask)
+
+    png = await asyncio.to_thread(build)
+    return web.Response(body=png, content_type="image/png")
+
+
+@require("radiologist")
+async def result_object(request: web.Request) -> web.StreamResponse:
+    """The SR or SEG object of a result, as a DICOM file."""
+    rid, kind = request.match_info["result_id"], request.match_info["kind"].upper()
+    if not RESULT_ID.fullmatch(rid) or kind not in ("SR", "SEG"):
+        raise ApiError(400, "bad_request", "bad result id or kind (SR|SEG)")
+    deps = request.app[DEPS]
+    row = deps.store.query(
+        "SELECT path FROM result_objects WHERE result_id = ? AND kind = ?", (rid, kind)
+    )
+    if not row:
+        raise ApiError(404, "not_found", "no such object")
+    audit(request, "object.download", f"{rid}/{kind}")
+    return web.FileResponse(
+        Path(deps.cfg.storage.data_dir) / row[0][0],
+        headers={
+            "Content-Type": "application/dicom",
+            "Content-Disposition": f'attachment; filename="{kind.lower()}-{rid}.dcm"',
+        },
+    )
+
+
+@require("radiologist")
+async def create_review(request: web.Request) -> web.Response:
+    """Accept, reject or comment on a finding of a current result; syncs to the hub."""
+    rid = request.match_info["result_id"]
+    if not RESULT_ID.fullmatch(rid):
+        raise ApiError(400, "bad_request", "not a result id")
+    body = await _body(request)
+    finding = _str(body, "finding", max_len=64)
+    decision = _str(body, "decision", max_len=16)
+    if decision not in DECISIONS:
+        raise ApiError(400, "bad_request", f"decision must be one of {', '.join(DECISIONS)}")
+    comment = _str(body, "comment", max_len=2000, required=decision == "comment")
+    deps, user = request.app[DEPS], request[USER]
+    now = deps.clock.now()
+
+    def write(conn: sqlite3.Connection) -> dict[str, Any]:
+        r = conn.execute(
+            "SELECT study_uid, task, findings, superseded_by FROM results WHERE result_id = ?",
+            (rid,),
+        ).fetchone()
+        if r is None:
+            raise ApiError(404, "not_found", "no such result")
+        if r["superseded_by"]:
+            raise ApiError(409, "superseded", "this result was superseded; review the new one")
+        if finding not in _finding_names(r["task"], json.loads(r["findings"])):
+            raise ApiError(400, "bad_request", f"the result has no finding {finding!r}")
+        review = {
+            "review_id": uuid7(now),
+            "result_id": rid,
+            "study_uid": r["study_uid"],
+            "finding": finding,
+            "decision": decision,
+            "comment": comment,
+            "reviewer": user.username,
+            "created_at": now,
+        }
+        conn.execute(
+            "INSERT INTO reviews (review_id, result_id, finding, decision, comment, username, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (review["review_id"], rid, finding, decision, comment, user.username, now),
+        )
+        if deps.hlc is not None:
+            hlc = deps.hlc.now()
+            enqueue(
+                conn,
+                key=f"review/{review['review_id']}",
+                type=RecordType.REVIEW,
+                lane=Lane.NORMAL,
+                payload=review,
+                hlc=hlc,
+                now=now,
+            )
+            save_hlc(conn, hlc)
+        return review
+
+    review = await asyncio.to_thread(deps.store.writer.call, write)
+    audit(request, "review.create", rid, f"{finding}: {decision}")
+    if deps.review_hook is not None:
+        deps.review_hook()
+    return web.json_response(review, status=201)
+
+
+@require("radiologist", "operator")
+async def restore_study(request: web.Request) -> web.Response:
+    """Ask for an archived or cold study to come back to the hot tier."""
+    uid = _uid(request, "study_uid")
+    deps = request.app[DEPS]
+    await asyncio.to_thread(deps.request_restore, uid, f"web:{request[USER].username}")
+    audit(request, "study.restore", uid)
+    return web.json_response({"study_uid": uid, "restore": "requested"}, status=202)
+
+
+# -- node status ----------------------------------------------------------------------------
+
+
+def node_status_data(deps: WebDeps) -> dict[str, Any]:
+    """Connectivity, outbox, dead letters, storage, devices, models, recent errors."""
+    out = dict(deps.health())
+    out["storage"] = deps.storage_status()
+    with deps.store.read() as conn:
+        out["models"] = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT name, version, task, model_sha256, active, shadow, installed_at "
+                "FROM model_versions ORDER BY name, installed_at"
+            )
+        ]
+        out["connectivity"] = next(
+            (
+                r[0]
+                for r in conn.execute("SELECT value FROM sync_state WHERE name = 'connectivity'")
+            ),
+            "not enrolled",
+        )
+        out["recent_errors"] = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT 'inference' AS source, finished_at AS at, error, study_uid AS target "
+                "FROM inference_jobs WHERE state = 'FAILED' UNION ALL SELECT 'forward', "
+                "next_attempt_at, last_error, destination FROM forwards WHERE state = 'DEAD' "
+                "ORDER BY at DESC LIMIT 20"
+            )
+        ]
+    return out
+
+
+@require("operator")
+async def node_status(request: web.Request) -> web.Response:
+    """Connectivity, outbox, dead letters, storage, devices, models, recent errors."""
+    return web.json_response(await asyncio.to_thread(node_status_data, request.app[DEPS]))
+
+
+# -- users, tokens, audit -------------------------------------------------------------------
+
+
+@require()
+async def list_users(request: web.Request) -> web.Response:
+    """Local accounts (admin)."""
+    return web.json_response({"users": request.app[DEPS].accounts.users()})
+
+
+@require()
+async def add_user(request: web.Request) -> web.Response:
+    """Create an account (admin)."""
+    body = await _body(request)
+    username, role = _str(body, "username", max_len=64), _str(body, "role", max_len=16)
+    password = _str(body, "password", max_len=1024)
+    deps = request.app[DEPS]
+    try:
+        user = await asyncio.to_thread(
+            deps.accounts.add_user, username, role, password, now=deps.clock.now()
+        )
+    except AccountError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from exc
+    audit(request, "user.create", username, role)
+    return web.json_response({"username": user.username, "role": user.role}, status=201)
+
+
+@require()
+async def create_token(request: web.Request) -> web.Response:
+    """An API token for a machine, acting as a user (admin; shown once)."""
+    body = await _body(request)
+    name, username = _str(body, "name", max_len=64), _str(body, "username", max_len=64)
+    deps = request.app[DEPS]
+    try:
+        token = await asyncio.to_thread(
+            deps.accounts.create_token, name, username, now=deps.clock.now()
+        )
+    except AccountError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from exc
+    audit(request, "token.create", name, username)
+    return web.json_response({"name": name, "username": username, "token": token}, status=201)
+
+
+@require()
+async def export_audit(request: web.Request) -> web.Response:
+    """The audit log since a time, as JSON or CSV (admin)."""
+    try:
+        since = float(request.query.get("since", "0"))
+    except ValueError:
+        raise ApiError(400, "bad_request", "since must be a Unix time") from None
+    fmt = _choice(request, "format", ("json", "csv")) or "json"
+    limit = _int(request, "limit", 10000, 1, 1000000)
+    rows = [
+        dict(r)
+        for r in request.app[DEPS].store.query(
+            "SELECT id, at, username, action, target, remote, request_id, detail FROM audit_log "
+            "WHERE at >= ? ORDER BY id LIMIT ?",
+            (since, limit),
+        )
+    ]
+    audit(request, "audit.export", fmt, f"{len(rows)} rows")
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(
+            buf,
+            fieldnames=[
+                "id",
+                "at",
+                "username",
+                "action",
+                "target",
+                "remote",
+                "request_id",
+                "detail",
+            ],
+        )
+        w.writeheader()
+        w.writerows(rows)
+        return web.Response(text=buf.getvalue(), content_type="text/csv")
+    return web.json_response({"entries": rows})
+
+
+# -- observability --------------------------------------------------------------------------
+
+
+@require("operator")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (operator, or an API token)."""
+    body = await asyncio.to_thread(request.app[DEPS].metrics_text)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive (no auth: for probes)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Store writable, listener accepting, models loaded (no auth: for probes)."""
+    checks = await asyncio.to_thread(request.app[DEPS].ready)
+    ok = not any(checks.values())
+    return web.json_response(
+        {
+            "status": "ready" if ok else "not ready",
+            "checks": {k: v or "ok" for k, v in checks.items()},
+        },
+        status=200 if ok else 503,
+    )
+
+
+@require("radiologist", "operator")
+async def openapi(request: web.Request) -> web.Response:
+    """This API's OpenAPI 3.1 document."""
+    from edge_agent.web.openapi import document
+
+    return web.json_response(document())
+
+
+ROUTES: tuple[tuple[str, str, Any], ...] = (
+    ("GET", "/api/v1/studies", list_studies),
+    ("GET", "/api/v1/studies/{study_uid}", get_study),
+    ("POST", "/api/v1/studies/{study_uid}/restore", restore_study),
+    ("GET", "/api/v1/series/{series_uid}/image", series_image),
+    ("GET", "/api/v1/results/{result_id}/objects/{kind}", result_object),
+    ("POST", "/api/v1/results/{result_id}/reviews", create_review),
+    ("GET", "/api/v1/status", node_status),
+    ("GET", "/api/v1/users", list_users),
+    ("POST", "/api/v1/users", add_user),
+    ("POST", "/api/v1/tokens", create_token),
+    ("GET", "/api/v1/audit", export_audit),
+    ("GET", "/api/v1/openapi.json", openapi),
+    ("GET", "/metrics", metrics),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+)

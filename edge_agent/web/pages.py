@@ -1,0 +1,158 @@
+"""Server-rendered pages (Jinja2): login, worklist, study, node status."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+from aiohttp import web
+
+from edge_agent.web.accounts import AuthFailed
+from edge_agent.web.api import _uid, node_status_data, study_detail
+from edge_agent.web.app import (
+    COOKIE,
+    DEPS,
+    REQUEST_ID,
+    SESSION,
+    TEMPLATES,
+    USER,
+    ApiError,
+    audit,
+    posted_form,
+    remote,
+    require,
+)
+from edge_agent.web.images import PRESETS
+
+
+def _page(request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
+    session = request.get(SESSION)
+    html = (
+        request.app[TEMPLATES]
+        .get_template(template)
+        .render(
+            user=request.get(USER),
+            csrf_token=session.csrf_token if session else "",
+            fmt_time=_fmt_time,
+            **ctx,
+        )
+    )
+    return web.Response(text=html, content_type="text/html", status=status)
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _next(value: str) -> str:
+    """Only a local path (no scheme, no //host): no open redirect."""
+    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/worklist"
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/worklist" if request.get(USER) else "/login")
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return _page(
+        request, "login.html", next=_next(request.query.get("next", "/worklist")), error=""
+    )
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    form = await posted_form(request)
+    deps = request.app[DEPS]
+    username = form.get("username", "")[:64]
+    target = _next(form.get("next", "/worklist"))
+    try:
+        token, session = await asyncio.to_thread(
+            deps.accounts.login,
+            username,
+            form.get("password", ""),
+            remote=remote(request),
+            now=deps.clock.now(),
+        )
+    except AuthFailed as exc:
+        deps.accounts.audit(
+            username=username or "-",
+            action="login.failed",
+            target=username,
+            remote=remote(request),
+            request_id=request[REQUEST_ID],
+            now=deps.clock.now(),
+        )
+        return _page(request, "login.html", status=401, next=target, error=str(exc))
+    request[USER] = session.user
+    audit(request, "login", session.user.username)
+    resp = web.HTTPFound(target)
+    secure = bool(deps.cfg.web.tls_cert)
+    resp.set_cookie(
+        COOKIE,
+        token,
+        httponly=True,
+        secure=secure,
+        samesite="Strict",
+        path="/",
+        max_age=int(deps.cfg.web.session_ttl_s),
+    )
+    # an old cookie, if any, is replaced: a login never keeps a session id (no fixation)
+    raise resp
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    await posted_form(request)
+    session = request.get(SESSION)
+    if session is not None:
+        request.app[DEPS].accounts.logout(session)
+        audit(request, "logout", session.user.username)
+    resp = web.HTTPFound("/login")
+    resp.del_cookie(COOKIE, path="/")
+    raise resp
+
+
+@require("radiologist")
+async def worklist(request: web.Request) -> web.Response:
+    return _page(
+        request, "worklist.html", refresh_ms=int(request.app[DEPS].cfg.web.refresh_s * 1000)
+    )
+
+
+@require("radiologist")
+async def study(request: web.Request) -> web.Response:
+    uid = _uid(request, "study_uid")
+    deps = request.app[DEPS]
+
+    def query() -> dict[str, Any] | None:
+        with deps.store.read() as conn:
+            return study_detail(conn, uid)
+
+    detail = await asyncio.to_thread(query)
+    if detail is None:
+        raise ApiError(404, "not_found", "no such study")
+    audit(request, "study.view", uid, "page")
+    overlay_series = {r["series_uid"] for r in detail["results"] if r["task"] == "segmentation"}
+    return _page(
+        request, "study.html", s=detail, presets=list(PRESETS), overlay_series=overlay_series
+    )
+
+
+@require("operator")
+async def status(request: web.Request) -> web.Response:
+    data = await asyncio.to_thread(node_status_data, request.app[DEPS])
+    return _page(request, "status.html", st=data)
+
+
+ROUTES: tuple[tuple[str, str, Any], ...] = (
+    ("GET", "/", index),
+    ("GET", "/login", login_page),
+    ("POST", "/login", login),
+    ("POST", "/logout", logout),
+    ("GET", "/worklist", worklist),
+    ("GET", "/studies/{study_uid}", study),
+    ("GET", "/status", status),
+)

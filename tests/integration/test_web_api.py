@@ -1,0 +1,352 @@
+"""The web app's API and pages against a real agent (store, listener, inference; studies
+sent with storescu): auth on every route, roles, CSRF, lockout, session fixation, bad and
+hostile input, the OpenAPI document, probes, metrics, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from edge_agent.inference.reference_models import SEG_NAME
+from edge_agent.samples import make_study
+from edge_agent.web import api
+from edge_agent.web.app import COOKIE
+from edge_agent.web.app import create_app as create_web_app
+from tests.conftest import make_config, storescu
+
+pytestmark = pytest.mark.dcmtk
+
+PASSWORD = "correct horse battery staple"
+PUBLIC = {"/healthz", "/readyz"}
+
+
+def _agent(app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]) -> Any:
+    app = app_factory(make_config(tmp_path, web={"lockout_attempts": 3, "lockout_s": 600.0}))
+    app.registry.install(ref_models[SEG_NAME])
+    s = make_study(
+        tmp_path / "ct",
+        modality="CT",
+        slices=4,
+        size=128,
+        seed="web",
+        patient_id="WEB-1",
+        patient_name="DOE^JANE",
+    )
+    assert storescu(app.listener.port, *s.files).returncode == 0
+    clock.advance(11)
+    app.assembly.tick()
+    app.inference.drain()
+    for name, role in (("rad", "radiologist"), ("ops", "operator"), ("root", "admin")):
+        app.accounts.add_user(name, role, PASSWORD, now=clock.now())
+    app.study_uid = s.study_uid
+    return app
+
+
+Body = Callable[[TestClient[Any, Any], Any], Awaitable[None]]
+
+
+def _run(app: Any, body: Body) -> None:
+    async def go() -> None:
+        async with TestClient(TestServer(create_web_app(app.web_deps()))) as client:
+            await body(client, app)
+
+    asyncio.run(go())
+
+
+async def _login(client: TestClient[Any, Any], user: str, password: str = PASSWORD) -> str:
+    """Log in through the form; returns the session's CSRF token (from the page meta)."""
+    r = await client.post(
+        "/login", data={"username": user, "password": password}, allow_redirects=False
+    )
+    assert r.status == 302, await r.text()
+    page = await (await client.get("/worklist" if user != "ops" else "/status")).text()
+    return page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+
+
+async def _json(r: ClientResponse) -> Any:
+    return json.loads(await r.text())
+
+
+def test_every_route_needs_auth_except_the_probes(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+    uid = app.study_uid
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        for method, path, _ in api.ROUTES:
+            url = (
+                path.replace("{study_uid}", uid)
+                .replace("{series_uid}", "1.2.3")
+                .replace("{result_id}", "00000000-0000-7000-8000-000000000000")
+                .replace("{kind}", "SR")
+            )
+            r = await client.request(method, url, allow_redirects=False)
+            if path in PUBLIC:
+                assert r.status in (200, 503), (path, r.status)
+                continue
+            assert r.status == 401, (method, path, r.status)
+            err = (await _json(r))["error"]
+            assert err["code"] == "unauthenticated" and err["request_id"]
+        for page in ("/worklist", f"/studies/{uid}", "/status"):
+            r = await client.get(page, allow_redirects=False)
+            assert r.status == 302 and r.headers["Location"].startswith("/login?next=")
+        r = await client.get("/api/v1/studies", headers={"Authorization": "Bearer nope"})
+        assert r.status == 401 and "token" in (await _json(r))["error"]["message"]
+
+    _run(app, body)
+
+
+def test_roles_csrf_reviews_and_audit(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+    uid = app.study_uid
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        csrf = await _login(client, "rad")
+        studies = await _json(await client.get("/api/v1/studies"))
+        assert studies["total"] == 1
+        row = studies["studies"][0]
+        assert (row["patient_name"], row["patient_id"], row["state"]) == (
+            "DOE^JANE",
+            "WEB-1",
+            "DONE",
+        )
+        assert row["ai_status"] == "1 result(s)"
+        # a radiologist cannot manage users or read node status
+        for method, path in (
+            ("GET", "/api/v1/users"),
+            ("GET", "/api/v1/status"),
+            ("GET", "/metrics"),
+        ):
+            r = await client.request(method, path, headers={"X-CSRF-Token": csrf})
+            assert r.status == 403 and (await _json(r))["error"]["code"] == "forbidden", path
+        detail = await _json(await client.get(f"/api/v1/studies/{uid}"))
+        (result,) = detail["results"]
+        rid = result["result_id"]
+        url = f"/api/v1/results/{rid}/reviews"
+        review = {"finding": "lesion", "decision": "reject", "comment": "calcification"}
+        r = await client.post(url, json=review)  # no CSRF token
+        assert r.status == 403 and (await _json(r))["error"]["code"] == "csrf"
+        r = await client.post(url, json=review, headers={"X-CSRF-Token": "wrong"})
+        assert r.status == 403
+        r = await client.post(url, data=review, headers={"X-CSRF-Token": csrf})  # a form
+        assert r.status == 415
+        r = await client.post(url, json=review, headers={"X-CSRF-Token": csrf})
+        assert r.status == 201, await r.text()
+        made = await _json(r)
+        assert made["reviewer"] == "rad" and made["decision"] == "reject"
+        out = app.store.query("SELECT type, payload FROM outbox WHERE key LIKE 'review/%'")
+        assert out[0][0] == "review" and json.loads(out[0][1])["result_id"] == rid
+        for bad, code in (
+            ({"finding": "tumour", "decision": "reject"}, 400),
+            ({"finding": "lesion", "decision": "maybe"}, 400),
+            ({"finding": "lesion", "decision": "comment"}, 400),  # a comment needs text
+            ({"finding": "lesion", "decision": "accept", "comment": "x" * 3000}, 400),
+        ):
+            r = await client.post(url, json=bad, headers={"X-CSRF-Token": csrf})
+            assert r.status == code, bad
+        r = await client.post(
+            url,
+            data=b"{not json",
+            headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"},
+        )
+        assert r.status == 400 and (await _json(r))["error"]["code"] == "bad_request"
+        # the operator sees the node, not patients
+        client.session.cookie_jar.clear()
+        csrf_ops = await _login(client, "ops")
+        assert (await client.get("/api/v1/studies")).status == 403
+        status = await _json(await client.get("/api/v1/status"))
+        assert status["models"][0]["name"] == SEG_NAME and "storage" in status
+        metrics = await (await client.get("/metrics")).text()
+        assert "edge_dicom_instances_total" in metrics and "edge_storage_tier_bytes" in metrics
+        r = await client.post(
+            "/api/v1/users",
+            json={"username": "x", "role": "admin", "password": PASSWORD},
+            headers={"X-CSRF-Token": csrf_ops},
+        )
+        assert r.status == 403
+        # the admin: users, tokens, audit export
+        client.session.cookie_jar.clear()
+        csrf_root = await _login(client, "root")
+        r = await client.post(
+            "/api/v1/users",
+            json={"username": "newrad", "role": "radiologist", "password": "short"},
+            headers={"X-CSRF-Token": csrf_root},
+        )
+        assert r.status == 400 and "12 characters" in (await _json(r))["error"]["message"]
+        r = await client.post(
+            "/api/v1/tokens",
+            json={"name": "prometheus", "username": "ops"},
+            headers={"X-CSRF-Token": csrf_root},
+        )
+        token = (await _json(r))["token"]
+        client.session.cookie_jar.clear()
+        r = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert r.status == 200
+        r = await client.get("/api/v1/studies", headers={"Authorization": f"Bearer {token}"})
+        assert r.status == 403  # the token acts as its user (operator)
+        await _login(client, "root")
+        csv_text = await (await client.get("/api/v1/audit?format=csv")).text()
+        lines = csv_text.strip().splitlines()
+        assert lines[0].startswith("id,at,username,action,target,remote")
+        actions = [ln.split(",")[3] for ln in lines[1:]]
+        assert "study.view" in actions and "review.create" in actions and "login" in actions
+        view = next(ln for ln in lines[1:] if ",study.view," in ln)
+        assert ",rad," in view and uid in view and "127.0.0.1" in view
+
+    _run(app, body)
+
+
+def test_lockout_session_fixation_and_logout(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        for _ in range(3):
+            r = await client.post("/login", data={"username": "rad", "password": "wrong password!"})
+            assert r.status == 401
+        r = await client.post("/login", data={"username": "rad", "password": PASSWORD})
+        assert r.status == 401  # locked: even the right password
+        assert "wrong username or password, or the account is locked" in await r.text()
+        r = await client.post("/login", data={"username": "nobody", "password": PASSWORD})
+        assert r.status == 401  # same answer for an unknown user
+        clock.advance(601)
+        # a session id planted before login is not adopted
+        client.session.cookie_jar.update_cookies({COOKIE: "planted-by-attacker"})
+        csrf = await _login(client, "rad")
+        issued = {c.value for c in client.session.cookie_jar if c.key == COOKIE}
+        issued.discard("planted-by-attacker")
+        (cookie,) = issued  # the server set a new id of its own
+        assert len(cookie) >= 40
+        assert app.accounts.session("planted-by-attacker", now=clock.now()) is None
+        r = await client.post("/logout", data={"csrf_token": "wrong"}, allow_redirects=False)
+        assert r.status == 403  # logout is a form with the CSRF token too
+        r = await client.post("/logout", data={"csrf_token": csrf}, allow_redirects=False)
+        assert r.status == 302
+        client.session.cookie_jar.clear()
+        client.session.cookie_jar.update_cookies({COOKIE: cookie})  # replay the old cookie
+        assert (await client.get("/api/v1/studies")).status == 401
+        # open redirect refused
+        r = await client.post(
+            "/login",
+            data={"username": "rad", "password": PASSWORD, "next": "//evil.example/x"},
+            allow_redirects=False,
+        )
+        assert r.headers["Location"] == "/worklist"
+
+    _run(app, body)
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/v1/studies/..%2F..%2Fetc%2Fpasswd", 400),
+        ("/api/v1/studies/1.2.3'%20OR%201=1--", 400),
+        ("/api/v1/studies/1.2.840.99999", 404),
+        ("/api/v1/studies?limit=-1", 400),
+        ("/api/v1/studies?limit=abc", 400),
+        ("/api/v1/studies?state=DROP%20TABLE", 400),
+        ("/api/v1/series/1.2.3/image?index=-1", 400),
+        ("/api/v1/series/1.2.3/image?preset=../../x", 400),
+        ("/api/v1/series/1.2.3/image", 404),
+        ("/api/v1/results/..%2F..%2Fx/objects/SR", 400),
+        ("/api/v1/results/00000000-0000-7000-8000-000000000000/objects/..%2Fkey", 400),
+        ("/static/..%2F..%2Fapp.py", 404),
+        ("/static/../accounts.py", 404),
+    ],
+)
+def test_hostile_parameters_get_a_clear_json_error(
+    app_factory: Any,
+    tmp_path: Path,
+    clock: Any,
+    ref_models: dict[str, Path],
+    path: str,
+    status: int,
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        await _login(client, "root")
+        r = await client.get(path, allow_redirects=False)
+        assert r.status == status, (path, r.status, await r.text())
+        if path.startswith("/api/"):
+            assert (await _json(r))["error"]["code"]
+
+    _run(app, body)
+
+
+def test_search_is_not_injectable_and_filters_work(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        await _login(client, "rad")
+        for q, n in (
+            ("doe", 1),
+            ("WEB-1", 1),
+            ("' OR 1=1 --", 0),
+            ("%", 0),
+            ("_", 0),
+            ("smith", 0),
+        ):
+            data = await _json(await client.get("/api/v1/studies", params={"q": q}))
+            assert data["total"] == n, q
+        assert (await _json(await client.get("/api/v1/studies?critical=true")))["total"] in (0, 1)
+        assert (await _json(await client.get("/api/v1/studies?state=FAILED")))["total"] == 0
+
+    _run(app, body)
+
+
+def test_openapi_document_is_valid_and_matches_the_routes(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    from openapi_spec_validator import validate
+
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        await _login(client, "rad")
+        doc = await _json(await client.get("/api/v1/openapi.json"))
+        validate(doc)
+        documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+        served = {(m, p) for m, p, _ in api.ROUTES}
+        assert documented == served
+        for method, path, handler in api.ROUTES:  # roles in the document = roles enforced
+            desc = doc["paths"][path][method.lower()]["description"]
+            roles = getattr(handler, "roles", None)
+            if roles is None:
+                assert "public" in desc, path
+            else:
+                assert desc == "Roles: " + ", ".join((*roles, "admin")), path
+
+    _run(app, body)
+
+
+def test_probes(app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]) -> None:
+    app = app_factory(make_config(tmp_path))
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        assert (await _json(await client.get("/healthz")))["status"] == "ok"
+        r = await client.get("/readyz")
+        assert r.status == 503
+        assert (await _json(r))["checks"]["models"] == "no active model installed"
+        app.registry.install(ref_models[SEG_NAME])
+        r = await client.get("/readyz")
+        assert r.status == 200 and (await _json(r))["checks"] == {
+            "store": "ok",
+            "listener": "ok",
+            "models": "ok",
+        }
+
+    _run(app, body)
