@@ -229,6 +229,31 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_results)
 
     sp = add(
+        "users",
+        "local web accounts: add, list; API tokens for machines; audit log export",
+        "edge-agent users add alice --role radiologist --config /srv/edge/edge-agent.toml",
+    )
+    usub = sp.add_subparsers(title="users commands", metavar="ACTION")
+    ua = usub.add_parser("add", help="add an account (password: $EDGE_USER_PASSWORD or asked)")
+    _config_arg(ua)
+    ua.add_argument("username")
+    ua.add_argument("--role", choices=["radiologist", "operator", "admin"], required=True)
+    ua.set_defaults(func=_cmd_users_add)
+    ul = usub.add_parser("list", help="accounts, roles, lockouts")
+    _config_arg(ul)
+    ul.set_defaults(func=_cmd_users_list)
+    ut = usub.add_parser("token", help="an API token acting as a user (shown once)")
+    _config_arg(ut)
+    ut.add_argument("name", help="what the token is for, e.g. prometheus")
+    ut.add_argument("--user", required=True)
+    ut.set_defaults(func=_cmd_users_token)
+    uu = usub.add_parser("audit", help="export the audit log (who saw or did what)")
+    _config_arg(uu)
+    uu.add_argument("--since", type=float, default=0.0, help="Unix time")
+    uu.add_argument("--csv", action="store_true")
+    uu.set_defaults(func=_cmd_users_audit)
+
+    sp = add(
         "sync",
         "enroll with the hub; show the sync backlog and connectivity",
         "edge-agent sync enroll --hub https://hub.example:8443 --token TOKEN",
@@ -763,6 +788,94 @@ def _cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
     if args.wait:
         print("not finished yet (is the agent running?); edge-agent storage status shows it")
         return EXIT_ERROR
+    return EXIT_OK
+
+
+def _accounts(cfg: Config, store: Store) -> Any:
+    from edge_agent.web.accounts import Accounts
+
+    w = cfg.web
+    return Accounts(
+        store,
+        session_ttl_s=w.session_ttl_s,
+        lockout_attempts=w.lockout_attempts,
+        lockout_s=w.lockout_s,
+    )
+
+
+def _cmd_users_add(args: argparse.Namespace) -> int:
+    import getpass
+
+    cfg = _load(args)
+    password = os.environ.get("EDGE_USER_PASSWORD", "")
+    if not password:
+        if not sys.stdin.isatty():
+            raise EdgeError("set EDGE_USER_PASSWORD or run in a terminal to type the password")
+        password = getpass.getpass(f"password for {args.username}: ")
+        if getpass.getpass("again: ") != password:
+            raise EdgeError("the passwords differ")
+    store = _open_store(cfg)
+    try:
+        user = _accounts(cfg, store).add_user(args.username, args.role, password, now=time.time())
+    finally:
+        store.close()
+    print(f"added {user.username} ({user.role})")
+    return EXIT_OK
+
+
+def _cmd_users_list(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    try:
+        users = _accounts(cfg, store).users()
+    finally:
+        store.close()
+    if not users:
+        print("no accounts (edge-agent users add NAME --role ROLE)")
+    for u in users:
+        locked = " LOCKED" if float(str(u["locked_until"])) > time.time() else ""
+        print(f"{u['username']:<24} {u['role']:<12}{locked}")
+    return EXIT_OK
+
+
+def _cmd_users_token(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    try:
+        token = _accounts(cfg, store).create_token(args.name, args.user, now=time.time())
+    finally:
+        store.close()
+    print(token)
+    print(f"(API token {args.name!r} acting as {args.user}; shown once)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_users_audit(args: argparse.Namespace) -> int:
+    import csv
+
+    cfg = _load(args)
+    store = _open_store(cfg)
+    try:
+        rows = [
+            dict(r)
+            for r in store.query(
+                "SELECT id, at, username, action, target, remote, request_id, detail "
+                "FROM audit_log WHERE at >= ? ORDER BY id",
+                (args.since,),
+            )
+        ]
+    finally:
+        store.close()
+    if args.csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["id"])
+        w.writeheader()
+        w.writerows(rows)
+        return EXIT_OK
+    for r in rows:
+        print(
+            f"{_fmt_time(float(str(r['at'])))}  {r['username']:<12} {r['action']:<16} "
+            f"{r['target']}  from {r['remote']}  {r['detail']}"
+        )
     return EXIT_OK
 
 

@@ -6,6 +6,9 @@ import dataclasses
 import hashlib
 import io
 import os
+
+# agents started by the tests serve their web UI on a free port (never a fixed 8080)
+os.environ.setdefault("EDGE_WEB_PORT", "0")
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -162,8 +165,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``edge-agent run`` as a child process, output appended to ``log``."""
+def start_agent(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``edge-agent run`` as a child process, output appended to ``log``; ``env`` adds
+    environment variables (``EDGE_*`` overrides)."""
     import sys
 
     with log.open("ab") as fh:
@@ -171,6 +175,7 @@ def start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
             [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
             stdout=fh,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
 
