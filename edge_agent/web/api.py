@@ -20,6 +20,8 @@ from edge_agent.sync.state import save_hlc
 from edge_agent.web.accounts import AccountError
 from edge_agent.web.app import DEPS, USER, ApiError, WebDeps, audit, require
 from edge_agent.web.images import PRESETS, render, seg_mask
+from edge_agent.web.report import pdf as report_pdf
+from edge_agent.web.report import priors
 from hub_protocol import Lane, RecordType
 
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -399,6 +401,46 @@ async def create_review(request: web.Request) -> web.Response:
     return web.json_response(review, status=201)
 
 
+@require("radiologist")
+async def study_priors(request: web.Request) -> web.Response:
+    """The patient's studies with their segmentation measurements, oldest first."""
+    uid = _uid(request, "study_uid")
+    deps = request.app[DEPS]
+
+    def query() -> list[dict[str, Any]] | None:
+        with deps.store.read() as conn:
+            if conn.execute("SELECT 1 FROM studies WHERE study_uid = ?", (uid,)).fetchone() is None:
+                return None
+            return priors(conn, uid)
+
+    found = await asyncio.to_thread(query)
+    if found is None:
+        raise ApiError(404, "not_found", "no such study")
+    return web.json_response({"study_uid": uid, "priors": found})
+
+
+@require("radiologist")
+async def study_report_pdf(request: web.Request) -> web.Response:
+    """The study's AI report as PDF (same content as the SR, with review status)."""
+    uid = _uid(request, "study_uid")
+    deps = request.app[DEPS]
+
+    def build() -> bytes | None:
+        with deps.store.read() as conn:
+            detail = study_detail(conn, uid)
+        return None if detail is None else report_pdf(detail, site=deps.cfg.dicom.ae_title)
+
+    body = await asyncio.to_thread(build)
+    if body is None:
+        raise ApiError(404, "not_found", "no such study")
+    audit(request, "report.view", uid, "pdf")
+    return web.Response(
+        body=body,
+        content_type="application/pdf",
+        headers={"Content-Disposition": f'inline; filename="report-{uid}.pdf"'},
+    )
+
+
 @require("radiologist", "operator")
 async def restore_study(request: web.Request) -> web.Response:
     """Ask for an archived or cold study to come back to the hot tier."""
@@ -570,6 +612,8 @@ ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("GET", "/api/v1/studies", list_studies),
     ("GET", "/api/v1/studies/{study_uid}", get_study),
     ("POST", "/api/v1/studies/{study_uid}/restore", restore_study),
+    ("GET", "/api/v1/studies/{study_uid}/priors", study_priors),
+    ("GET", "/api/v1/studies/{study_uid}/report.pdf", study_report_pdf),
     ("GET", "/api/v1/series/{series_uid}/image", series_image),
     ("GET", "/api/v1/results/{result_id}/objects/{kind}", result_object),
     ("POST", "/api/v1/results/{result_id}/reviews", create_review),

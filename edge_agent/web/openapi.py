@@ -69,6 +69,22 @@ OPERATIONS: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any], Any, in
         202,
         "application/json",
     ),
+    ("GET", "/api/v1/studies/{study_uid}/priors"): (
+        "The patient's studies with their segmentation measurements, oldest first",
+        ("radiologist",),
+        [_p("study_uid", _UID)],
+        None,
+        200,
+        "application/json",
+    ),
+    ("GET", "/api/v1/studies/{study_uid}/report.pdf"): (
+        "The study's AI report as PDF (findings, measurements, model versions, reviews)",
+        ("radiologist",),
+        [_p("study_uid", _UID)],
+        None,
+        200,
+        "application/pdf",
+    ),
     ("GET", "/api/v1/series/{series_uid}/image"): (
         "One slice as PNG with a window preset and the AI overlay",
         ("radiologist",),

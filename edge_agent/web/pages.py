@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 from aiohttp import web
+from markupsafe import Markup
 
 from edge_agent.web.accounts import AuthFailed
 from edge_agent.web.api import _uid, node_status_data, study_detail
@@ -24,6 +25,7 @@ from edge_agent.web.app import (
     require,
 )
 from edge_agent.web.images import PRESETS
+from edge_agent.web.report import NOTICE, measurements, priors, priors_svg, review_status
 
 
 def _page(request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
@@ -136,9 +138,46 @@ async def study(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", "no such study")
     audit(request, "study.view", uid, "page")
     overlay_series = {r["series_uid"] for r in detail["results"] if r["task"] == "segmentation"}
+    points = await asyncio.to_thread(_priors, deps, uid)
+    charts = []
+    for title, key in (
+        ("Total lesion area (mm2)", "area_mm2_total"),
+        ("Volume (mm3)", "volume_mm3"),
+    ):
+        svg = priors_svg(points, key, uid)
+        if svg:
+            charts.append((title, Markup(svg)))  # noqa: S704 - every text escaped inside
     return _page(
-        request, "study.html", s=detail, presets=list(PRESETS), overlay_series=overlay_series
+        request,
+        "study.html",
+        s=detail,
+        presets=list(PRESETS),
+        overlay_series=overlay_series,
+        priors=points,
+        charts=charts,
     )
+
+
+def _priors(deps: Any, uid: str) -> list[dict[str, Any]]:
+    with deps.store.read() as conn:
+        return priors(conn, uid)
+
+
+@require("radiologist")
+async def report(request: web.Request) -> web.Response:
+    uid = _uid(request, "study_uid")
+    deps = request.app[DEPS]
+
+    def query() -> dict[str, Any] | None:
+        with deps.store.read() as conn:
+            return study_detail(conn, uid)
+
+    detail = await asyncio.to_thread(query)
+    if detail is None:
+        raise ApiError(404, "not_found", "no such study")
+    audit(request, "report.view", uid, "html")
+    rows = [(r, measurements(r), review_status(r)) for r in detail["results"]]
+    return _page(request, "report.html", s=detail, rows=rows, notice=NOTICE)
 
 
 @require("operator")
@@ -154,5 +193,6 @@ ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("POST", "/logout", logout),
     ("GET", "/worklist", worklist),
     ("GET", "/studies/{study_uid}", study),
+    ("GET", "/studies/{study_uid}/report", report),
     ("GET", "/status", status),
 )

@@ -350,3 +350,53 @@ def test_probes(app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[s
         }
 
     _run(app, body)
+
+
+def test_priors_chart_report_and_pdf(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+    # an earlier-or-later study of the same patient, with a hostile name to check escaping
+    s = make_study(
+        tmp_path / "ct2",
+        modality="CT",
+        slices=6,
+        size=128,
+        seed="web-2",
+        patient_id="WEB-1",
+        patient_name="<script>alert(1)</script>^X",
+    )
+    assert storescu(app.listener.port, *s.files).returncode == 0
+    clock.advance(11)
+    app.assembly.tick()
+    app.inference.drain()
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        csrf = await _login(client, "rad")
+        pri = (await _json(await client.get(f"/api/v1/studies/{s.study_uid}/priors")))["priors"]
+        assert [p["study_uid"] for p in pri].count(s.study_uid) == 1 and len(pri) == 2
+        assert all(p["area_mm2_total"] is not None for p in pri)
+        page = await (await client.get(f"/studies/{s.study_uid}")).text()
+        assert '<svg class="priors" data-key="area_mm2_total"' in page
+        assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+        report = await (await client.get(f"/studies/{s.study_uid}/report")).text()
+        assert "lesion: not reviewed" in report and SEG_NAME in report
+        rid = (await _json(await client.get(f"/api/v1/studies/{s.study_uid}")))["results"][0][
+            "result_id"
+        ]
+        r = await client.post(
+            f"/api/v1/results/{rid}/reviews",
+            json={"finding": "lesion", "decision": "accept"},
+            headers={"X-CSRF-Token": csrf},
+        )
+        assert r.status == 201
+        report = await (await client.get(f"/studies/{s.study_uid}/report")).text()
+        assert "lesion: accepted by rad" in report
+        r = await client.get(f"/api/v1/studies/{s.study_uid}/report.pdf")
+        assert r.status == 200 and r.content_type == "application/pdf"
+        data = await r.read()
+        assert data.startswith(b"%PDF-") and len(data) > 1000
+        lone = (await _json(await client.get("/api/v1/studies?q=other")))["total"]
+        assert lone == 0
+
+    _run(app, body)
