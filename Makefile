@@ -9,9 +9,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint typecheck unit bench system-deps venv clean
 
-## demo: hub-less end-to-end demo: agent + sample studies sent with storescu + study list
+## demo: hub + agent + reference models + sample studies end to end (DEMO_ARGS=--serve keeps it up)
 demo: system-deps venv
-	$(BIN)/edge-agent demo
+	$(BIN)/edge-agent demo $(DEMO_ARGS)
 
 ## test: lint, type-check and the whole test suite (real DCMTK peers, fault injection)
 test: system-deps venv lint typecheck

@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         "edge-agent demo --dir ./demo-run",
     )
     sp.add_argument("--dir", type=Path, default=Path("demo-run"), help="scratch folder (recreated)")
+    sp.add_argument(
+        "--serve", action="store_true", help="keep the agent, hub and web UI running at the end"
+    )
     sp.set_defaults(func=_cmd_demo)
 
     sp = add(
@@ -597,7 +600,7 @@ def _cmd_forwards(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_agent.demo import run_demo
 
-    return run_demo(args.dir.resolve())
+    return run_demo(args.dir.resolve(), serve=args.serve)
 
 
 def _cmd_samples(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ release), and stops the agent with SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -301,8 +302,32 @@ def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path)
     print(f"    active now: {_model_state(db, SEG_NAME)}")
 
 
-def run_demo(workdir: Path) -> int:
-    """Run the demo in ``workdir`` (recreated). Returns the exit code."""
+def _show_web(port: int, user: str, password: str) -> None:
+    import http.cookiejar
+    import urllib.parse
+
+    base = f"http://127.0.0.1:{port}"
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(base + path, timeout=10) as r:  # noqa: S310 - http://127.0.0.1
+            print(f"    GET {path}: {r.status} {r.read().decode()}")
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    opener.open(base + "/login", data=form, timeout=10).read()
+    with opener.open(base + "/api/v1/studies?limit=5", timeout=10) as r:
+        body = json.loads(r.read())
+    print(f"    GET /api/v1/studies as {user}: {body['total']} studies; newest first:")
+    for st in body["studies"][:5]:
+        flag = " CRITICAL" if st["critical"] else ""
+        print(
+            f"      {st['patient_name']:<16} {st['modality']:<3} {st['state']:<8} "
+            f"{st['ai_status']}{flag}"
+        )
+
+
+def run_demo(workdir: Path, *, serve: bool = False) -> int:
+    """Run the demo in ``workdir`` (recreated). ``serve``: leave the agent, hub and web UI
+    running at the end until Ctrl-C. Returns the exit code."""
     for tool in ("storescu", "echoscu"):
         if shutil.which(tool) is None:
             print(
@@ -397,11 +422,23 @@ def run_demo(workdir: Path) -> int:
 
     _step("starting the agent (results go to PACS@127.0.0.1, set by EDGE_RESULTS_DESTINATIONS)")
     log_path = workdir / "agent.log"
+    web_port = _free_port()
     env = dict(
         os.environ,
         EDGE_RESULTS_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}",
         EDGE_SYNC_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),  # the demo's hub answers fast
+        EDGE_WEB_PORT=str(web_port),
+        EDGE_WEB_BIND_ADDRESS="127.0.0.1",
     )
+    _step("web accounts: a radiologist and an admin for the UI (random passwords)")
+    logins = {}
+    for user, role in (("radiologist", "radiologist"), ("admin", "admin")):
+        logins[user] = secrets.token_urlsafe(12)
+        os.environ["EDGE_USER_PASSWORD"] = logins[user]
+        try:
+            cli_main(["users", "add", user, "--role", role, "--config", str(cfg)])
+        finally:
+            del os.environ["EDGE_USER_PASSWORD"]
     with log_path.open("wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
@@ -425,6 +462,7 @@ def run_demo(workdir: Path) -> int:
                 return 1
             time.sleep(0.2)
         print(f"    agent up: AE EDGE_DEMO on 127.0.0.1:{port}; C-ECHO ok (log: {log_path})")
+        print(f"    web UI: http://127.0.0.1:{web_port}/ (radiologist / {logins['radiologist']})")
 
         _step("sending the CT and MR studies with storescu")
         for study in (ct, mr):
@@ -526,6 +564,19 @@ def run_demo(workdir: Path) -> int:
 
         _step("edge-agent storage status (tiers; studies age hot -> warm -> cold -> hub archive)")
         cli_main(["storage", "status", "--config", str(cfg)])
+
+        _step("the web UI answers: /healthz, /readyz, and the worklist API as the radiologist")
+        _show_web(web_port, "radiologist", logins["radiologist"])
+        if serve:
+            _step("serving until Ctrl-C")
+            print(f"    web UI   http://127.0.0.1:{web_port}/")
+            for user, pw in logins.items():
+                print(f"             {user} / {pw}")
+            print(f"    DICOM    AE EDGE_DEMO at 127.0.0.1:{port} (storescu -aet STORESCU ...)")
+            print(f"    hub      {hub_url}")
+            with contextlib.suppress(KeyboardInterrupt):
+                while agent.poll() is None:
+                    time.sleep(1)
     finally:
         _step("stopping the agent with SIGTERM")
         agent.send_signal(signal.SIGTERM)

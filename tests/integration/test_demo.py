@@ -48,4 +48,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     rogue = out.split("not trust", 1)[1].split("==>", 1)[0]
     assert "ct-lesion-seg 1.2.0  refused: unknown_key" in rogue
     assert "active now: {'1.0.0': 'installed', '1.1.0': 'active'}" in rogue
+    web = out.split("==> the web UI answers", 1)[1].split("==>", 1)[0]
+    assert "GET /readyz: 200" in web and "6 studies" in web
+    assert "DEMO^CT^THREE    CT  DONE     2 result(s) CRITICAL" in web
     assert "agent exited with 0" in out
