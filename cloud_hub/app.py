@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,6 +347,81 @@ async def fleet(request: web.Request) -> web.Response:
     return web.json_response({"sites": rows})
 
 
+def _ops_basic(request: web.Request) -> bool:
+    """HTTP Basic with the ops token as password (what a browser can send)."""
+    import base64
+    import binascii
+
+    header = request.headers.get("Authorization", "")
+    if not header.lower().startswith("basic "):
+        return False
+    try:
+        _, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    ops = request.app[CONFIG].ops_token
+    return bool(ops) and hmac.compare_digest(password, ops)
+
+
+async def fleet_page(request: web.Request) -> web.Response:
+    """Every site's health as a page (ops: HTTP Basic, any user name, the ops token)."""
+    import html
+
+    if not _ops_basic(request):
+        return web.Response(
+            status=401,
+            text="the fleet page needs the ops token (as the password)",
+            headers={"WWW-Authenticate": 'Basic realm="edge fleet", charset="UTF-8"'},
+        )
+    rows = await asyncio.to_thread(request.app[STORE].list_sites)
+    now = time.time()
+    out = []
+    for r in rows:
+        h = json.loads(r["health"]) if r["health"] else {}
+        seen = r["last_seen_at"]
+        age = f"{now - seen:.0f} s ago" if seen else "never"
+        stale = not seen or now - seen > 300
+        storage = h.get("storage", {})
+        tiers = ", ".join(
+            f"{t} {v.get('instances', 0)} ({v.get('fs_used', 0):.0%})" for t, v in storage.items()
+        )
+        cells = [
+            r["name"],
+            r["site_id"],
+            age + (" - OFFLINE?" if stale else ""),
+            str(h.get("outbox", {})),
+            str(h.get("oldest_unsynced_age_s", "-")),
+            str(h.get("outbox_dead", "-")),
+            str(h.get("studies", {})),
+            tiers,
+            str(h.get("version", "-")),
+        ]
+        cls = ' class="stale"' if stale else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    heads = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "Site",
+            "Id",
+            "Last heartbeat",
+            "Outbox",
+            "Oldest unsynced (s)",
+            "Dead letters",
+            "Studies",
+            "Storage",
+            "Agent",
+        )
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Fleet</title><style>"
+        "body{font-family:system-ui,sans-serif}td,th{padding:.3em .6em;border-bottom:1px solid"
+        " #ddd;text-align:left}tr.stale{background:#fff0f0}</style></head><body>"
+        f"<h1>Fleet: {len(rows)} site(s)</h1><table><tr>{heads}</tr>{''.join(out)}</table>"
+        "</body></html>"
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -379,5 +455,6 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app.router.add_patch("/v1/archive/{sha256}", archive_upload)
     app.router.add_get("/v1/archive/{sha256}", archive_download)
     app.router.add_get("/v1/fleet", fleet)
+    app.router.add_get("/fleet", fleet_page)
     app.router.add_get("/healthz", healthz)
     return app

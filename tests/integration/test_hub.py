@@ -4,6 +4,7 @@ enrollment, authentication, site isolation, idempotent push and high-water marks
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -95,6 +96,32 @@ def test_enrollment_is_one_time_and_every_request_is_authenticated(hub_url: str)
             assert (await client.get("/v1/fleet")).status == 401
             fleet = await client.get("/v1/fleet", headers={"Authorization": "Bearer ops-secret"})
             assert fleet.status == 200 and len((await fleet.json())["sites"]) == 1
+            # the fleet page (a browser: HTTP Basic with the ops token as password)
+            page = await client.get("/fleet")
+            assert page.status == 401 and "Basic" in page.headers["WWW-Authenticate"]
+            cred = (await first.json())["credential"]
+            health = {
+                "outbox": {"urgent": 0, "normal": 3, "batch": 1},
+                "oldest_unsynced_age_s": 42.0,
+                "outbox_dead": 0,
+                "studies": {"DONE": 7},
+                "storage": {"hot": {"instances": 120, "bytes": 1, "fs_used": 0.5}},
+                "version": "0.1.0",
+            }
+            r = await client.post(
+                "/v1/heartbeat", json=health, headers={"Authorization": f"Bearer {cred}"}
+            )
+            assert r.status == 200
+
+            def basic(password: str) -> dict[str, str]:
+                raw = base64.b64encode(f"ops:{password}".encode()).decode()
+                return {"Authorization": f"Basic {raw}"}
+
+            assert (await client.get("/fleet", headers=basic("not-the-token"))).status == 401
+            page = await client.get("/fleet", headers=basic("ops-secret"))
+            text = await page.text()
+            assert page.status == 200 and "St. Elsewhere" in text
+            assert "hot 120 (50%)" in text and "&#x27;normal&#x27;: 3" in text
 
     run(go)
 
