@@ -17,8 +17,13 @@ Measured, one phase after the other (each after a short unmeasured warm-up):
 - worklist API: ``GET /api/v1/studies?limit=100``, and with a search (``&q=smith``);
 - trivial HTML: a copy of a real study page, as ``text/html``;
 - study page: ``GET /studies/{uid}`` for random studies (server-rendered, writes an audit row);
-- plus the worklist API with a single user (no concurrency), to separate query cost from
-  queueing.
+- the worklist API (plain and searched) with a single user alone, to separate the cost of
+  one request from queueing;
+- the worklist API with every user fetching it once per ``web.refresh_s`` (5 s) from a
+  random start, as an open worklist page does (``--poll-rounds`` rounds; 0 skips it).
+
+"Back to back" (closed loop, no think time) is a far heavier load than 50 radiologists
+produce; the polled line is closer to a real reading room.
 
 Prints percentiles, requests/s, the ratios of our p95 to the trivial one's, and whether the
 worklist target is met. Nothing is asserted about speed.
@@ -26,7 +31,7 @@ worklist target is met. Nothing is asserted about speed.
 Usage::
 
     python bench/web.py                               # 10,000 studies, 50 users x 40 requests
-    python bench/web.py --studies 2000 --users 20 --requests 20
+    python bench/web.py --studies 2000 --users 20 --requests 20 --poll-rounds 0
     python bench/web.py --json out.json
 """
 

@@ -255,6 +255,7 @@ class EdgeApp:
             request_restore=lambda uid, by: self.lifecycle.request_restore(uid, by=by),
             review_hook=up.wake if up is not None else None,
             hlc=self.hlc,
+            hub=self.hub_client,
         )
 
     def ready(self) -> dict[str, str]:

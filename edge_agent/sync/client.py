@@ -216,6 +216,17 @@ class HttpHubClient:
             ).encode(),
         )
 
+    async def conflicts(self) -> list[dict[str, Any]]:
+        """This site's open manual-review conflicts at the hub."""
+        return list((await self._call("GET", "/v1/conflicts"))["conflicts"])
+
+    async def resolve_conflict(self, conflict_id: int, take: str, by: str) -> int:
+        """Resolve one (``take``: edge|cloud); returns the record's new version."""
+        body = json.dumps({"take": take, "by": by}).encode()
+        return int(
+            (await self._call("POST", f"/v1/conflicts/{int(conflict_id)}/resolve", body))["version"]
+        )
+
     async def archive_put(self, sha256: str, data: bytes, *, chunk: int = 4 << 20) -> int:
         """Upload ``data`` (named by its SHA-256) to this site's archive at the hub,
         resuming from whatever the hub already holds. Returns once the hub confirmed it

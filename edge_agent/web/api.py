@@ -15,6 +15,7 @@ import pydicom
 from aiohttp import web
 
 from edge_agent.results.models import uuid7
+from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
 from edge_agent.sync.outbox import enqueue
 from edge_agent.sync.state import save_hlc
 from edge_agent.web.accounts import AccountError
@@ -451,6 +452,52 @@ async def restore_study(request: web.Request) -> web.Response:
     return web.json_response({"study_uid": uid, "restore": "requested"}, status=202)
 
 
+# -- conflicts (the hub's manual-review queue for this site) --------------------------------
+
+
+def _hub(request: web.Request) -> HttpHubClient:
+    hub = request.app[DEPS].hub
+    if hub is None:
+        raise ApiError(409, "not_enrolled", "this agent is not enrolled with a hub")
+    return hub
+
+
+@require("radiologist", "operator")
+async def list_conflicts(request: web.Request) -> web.Response:
+    """Records edited both here and at the hub, waiting for a person to choose."""
+    try:
+        rows = await _hub(request).conflicts()
+    except HubUnavailable as exc:
+        raise ApiError(503, "hub_unreachable", f"the hub cannot be reached now: {exc}") from exc
+    for r in rows:
+        for side in ("edge_payload", "cloud_payload"):
+            if isinstance(r.get(side), str):
+                r[side] = json.loads(r[side])
+    return web.json_response({"conflicts": rows})
+
+
+@require("radiologist", "operator")
+async def resolve_conflict(request: web.Request) -> web.Response:
+    """Keep the edge or the cloud version of a conflicting record (logged, synced back)."""
+    try:
+        cid = int(request.match_info["conflict_id"])
+    except ValueError:
+        raise ApiError(400, "bad_request", "conflict id must be an integer") from None
+    body = await _body(request)
+    take = _str(body, "take", max_len=8)
+    if take not in ("edge", "cloud"):
+        raise ApiError(400, "bad_request", "take must be edge or cloud")
+    by = request[USER].username
+    try:
+        version = await _hub(request).resolve_conflict(cid, take, by)
+    except HubUnavailable as exc:
+        raise ApiError(503, "hub_unreachable", f"the hub cannot be reached now: {exc}") from exc
+    except HubRejected as exc:
+        raise ApiError(404, "not_found", f"no open conflict {cid}") from exc
+    audit(request, "conflict.resolve", str(cid), take)
+    return web.json_response({"conflict_id": cid, "take": take, "version": version})
+
+
 # -- node status ----------------------------------------------------------------------------
 
 
@@ -617,6 +664,8 @@ ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("GET", "/api/v1/series/{series_uid}/image", series_image),
     ("GET", "/api/v1/results/{result_id}/objects/{kind}", result_object),
     ("POST", "/api/v1/results/{result_id}/reviews", create_review),
+    ("GET", "/api/v1/conflicts", list_conflicts),
+    ("POST", "/api/v1/conflicts/{conflict_id}/resolve", resolve_conflict),
     ("GET", "/api/v1/status", node_status),
     ("GET", "/api/v1/users", list_users),
     ("POST", "/api/v1/users", add_user),

@@ -27,6 +27,7 @@ from edge_agent.clock import Clock
 from edge_agent.config import Config
 from edge_agent.errors import EdgeError
 from edge_agent.store import Store
+from edge_agent.sync.client import HttpHubClient
 from edge_agent.web.accounts import Accounts, Session, User
 from hub_protocol import HybridClock
 
@@ -54,6 +55,7 @@ class WebDeps:
     request_restore: Callable[[str, str], None]  # (study_uid, by)
     review_hook: Callable[[], None] | None = None  # e.g. wake the uplink
     hlc: HybridClock | None = None  # reviews go to the hub through the outbox
+    hub: HttpHubClient | None = None  # the manual-review queue lives at the hub
 
 
 DEPS = web.AppKey("deps", WebDeps)

@@ -123,6 +123,26 @@ OPERATIONS: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any], Any, in
         201,
         "application/json",
     ),
+    ("GET", "/api/v1/conflicts"): (
+        "This site's records edited on both sides, waiting for a person (from the hub)",
+        ("radiologist", "operator"),
+        [],
+        None,
+        200,
+        "application/json",
+    ),
+    ("POST", "/api/v1/conflicts/{conflict_id}/resolve"): (
+        "Keep the edge or the cloud version of a conflicting record",
+        ("radiologist", "operator"),
+        [_p("conflict_id", {"type": "integer", "minimum": 1})],
+        {
+            "type": "object",
+            "required": ["take"],
+            "properties": {"take": {"enum": ["edge", "cloud"]}},
+        },
+        200,
+        "application/json",
+    ),
     ("GET", "/api/v1/status"): (
         "Node status: connectivity, outbox, storage, devices, models, recent errors",
         ("operator",),

@@ -180,6 +180,11 @@ async def report(request: web.Request) -> web.Response:
     return _page(request, "report.html", s=detail, rows=rows, notice=NOTICE)
 
 
+@require("radiologist", "operator")
+async def conflicts(request: web.Request) -> web.Response:
+    return _page(request, "conflicts.html")
+
+
 @require("operator")
 async def status(request: web.Request) -> web.Response:
     data = await asyncio.to_thread(node_status_data, request.app[DEPS])
@@ -195,4 +200,5 @@ ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("GET", "/studies/{study_uid}", study),
     ("GET", "/studies/{study_uid}/report", report),
     ("GET", "/status", status),
+    ("GET", "/conflicts", conflicts),
 )

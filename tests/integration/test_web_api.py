@@ -400,3 +400,64 @@ def test_priors_chart_report_and_pdf(
         assert lone == 0
 
     _run(app, body)
+
+
+def test_conflict_queue_is_resolvable_from_the_ui_api(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    from cloud_hub.app import HubConfig
+    from cloud_hub.app import create_app as create_hub_app
+    from cloud_hub.db import HubStore, connect
+    from edge_agent.sync.client import Credential, HttpHubClient
+    from hub_protocol import RecordType
+    from tests.integration.test_hub import _push, enrolled, mutable
+
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    hub_store = HubStore(connect(url))
+
+    async def go() -> None:
+        hub_app = create_hub_app(HubConfig(database_url=url), store=hub_store)
+        async with TestClient(TestServer(hub_app)) as hub:
+            site, auth = await enrolled(hub, hub_store, "edge")
+            for seq, hlc, verdict in ((1, 10, "accept"), (2, 20, "reject")):
+                rec = mutable("review/x1", seq, RecordType.REVIEW, 0, hlc, {"verdict": verdict})
+                await hub.post("/v1/push", data=_push(site, rec), headers=auth)
+            cred = Credential(str(hub.make_url("")).rstrip("/"), site, auth["Authorization"][7:])
+            app.hub_client = HttpHubClient(cred)
+            try:
+                async with TestClient(TestServer(create_web_app(app.web_deps()))) as client:
+                    csrf = await _login(client, "rad")
+                    queue = (await _json(await client.get("/api/v1/conflicts")))["conflicts"]
+                    assert len(queue) == 1 and queue[0]["key"] == "review/x1"
+                    assert queue[0]["edge_payload"] == {"verdict": "reject"}
+                    assert queue[0]["cloud_payload"] == {"verdict": "accept"}
+                    page = await (await client.get("/conflicts")).text()
+                    assert "startConflicts()" in page
+                    path = f"/api/v1/conflicts/{queue[0]['id']}/resolve"
+                    r = await client.post(
+                        path, json={"take": "sideways"}, headers={"X-CSRF-Token": csrf}
+                    )
+                    assert r.status == 400
+                    r = await client.post(
+                        path, json={"take": "edge"}, headers={"X-CSRF-Token": csrf}
+                    )
+                    assert r.status == 200, await r.text()
+                    assert (await _json(r))["version"] == 2
+                    r = await client.post(
+                        path, json={"take": "edge"}, headers={"X-CSRF-Token": csrf}
+                    )
+                    assert r.status == 404  # already resolved
+                    assert (await _json(await client.get("/api/v1/conflicts")))["conflicts"] == []
+                    resolved = hub_store.conflicts(site, open_only=False)[0]
+                    assert resolved["resolved_by"] == "rad"
+            finally:
+                await app.hub_client.close()
+        # the hub gone: a clear 503, not a stack trace
+        async with TestClient(TestServer(create_web_app(app.web_deps()))) as client:
+            await _login(client, "rad")
+            r = await client.get("/api/v1/conflicts")
+            assert r.status == 503 and (await _json(r))["error"]["code"] == "hub_unreachable"
+        await app.hub_client.close()
+
+    asyncio.run(go())

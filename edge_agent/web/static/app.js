@@ -116,3 +116,41 @@ function startStudy() {
     });
   }
 }
+
+async function startConflicts() {
+  const body = document.querySelector("#conflicts tbody");
+  const status = document.getElementById("conflicts-status");
+  async function load() {
+    try {
+      const data = await api("GET", "/api/v1/conflicts");
+      body.replaceChildren();
+      status.textContent = data.conflicts.length + " open";
+      for (const c of data.conflicts) {
+        const tr = document.createElement("tr");
+        tr.dataset.conflict = c.id;
+        cell(tr, String(c.id));
+        cell(tr, c.key);
+        cell(tr, c.data_type || c.type || "");
+        cell(tr, JSON.stringify(c.edge_payload), "payload");
+        cell(tr, JSON.stringify(c.cloud_payload), "payload");
+        const td = cell(tr, "");
+        for (const take of ["edge", "cloud"]) {
+          const b = document.createElement("button");
+          b.textContent = "Keep " + take;
+          b.className = "take-" + take;
+          b.addEventListener("click", async () => {
+            try {
+              await api("POST", "/api/v1/conflicts/" + c.id + "/resolve", { take });
+              load();
+            } catch (e) { alert("Not resolved: " + e.message); }
+          });
+          td.appendChild(b);
+        }
+        body.appendChild(tr);
+      }
+    } catch (e) {
+      status.textContent = "cannot load the queue: " + e.message;
+    }
+  }
+  load();
+}
