@@ -396,6 +396,10 @@ MIGRATIONS: Sequence[Migration] = (
             created_at      REAL NOT NULL
         );
         CREATE INDEX reviews_result ON reviews(result_id);
+        -- the worklist: critical studies, and current results per study
+        CREATE INDEX results_critical ON results(study_uid)
+            WHERE critical = 1 AND superseded_by IS NULL;
+        CREATE INDEX studies_received ON studies(last_received_at);
         """,
     ),
 )

@@ -21,8 +21,10 @@ import hmac
 import re
 import secrets
 import sqlite3
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -232,8 +234,9 @@ class Accounts:
         request_id: str,
         now: float,
         detail: str = "",
-    ) -> None:
-        self._store.writer.call(
+    ) -> Future[Any]:
+        """Queue the audit row; the returned future is done once it is committed."""
+        return self._store.writer.submit(
             lambda c: c.execute(
                 "INSERT INTO audit_log (at, username, action, target, remote, request_id, "
                 "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",

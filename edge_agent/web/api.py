@@ -77,45 +77,48 @@ def _str(body: dict[str, Any], name: str, *, max_len: int = 200, required: bool 
 
 # -- worklist and studies -------------------------------------------------------------------
 
-WORKLIST_SQL = """
-SELECT * FROM (
-SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.modality,
-       s.study_date, s.description, s.state, s.first_received_at, s.last_received_at,
-       s.instance_count,
-       (SELECT count(*) FROM results r WHERE r.study_uid = s.study_uid
-         AND r.superseded_by IS NULL) AS results,
-       (SELECT coalesce(max(r.critical), 0) FROM results r WHERE r.study_uid = s.study_uid
-         AND r.superseded_by IS NULL) AS critical,
-       (SELECT count(*) FROM reviews v JOIN results r USING (result_id)
-         WHERE r.study_uid = s.study_uid AND r.superseded_by IS NULL) AS reviews
-FROM studies s
-WHERE (:q = '' OR instr(lower(s.patient_name), lower(:q)) OR instr(lower(s.patient_id), lower(:q))
-       OR instr(lower(s.accession_number), lower(:q)) OR instr(s.study_uid, :q))
+_FILTER = """
+  (:q = '' OR s.patient_name LIKE :pat ESCAPE '\\' OR s.patient_id LIKE :pat ESCAPE '\\'
+   OR s.accession_number LIKE :pat ESCAPE '\\' OR s.study_uid LIKE :pat ESCAPE '\\')
   AND (:state = '' OR s.state = :state)
-  AND (:modality = '' OR s.modality = :modality))
-WHERE (:critical < 0 OR critical = :critical)
-ORDER BY critical DESC, last_received_at DESC
-LIMIT :limit OFFSET :offset
+  AND (:modality = '' OR s.modality = :modality)
+  AND (:critical < 0 OR (s.study_uid IN crit) = :critical)
 """
 
-COUNT_SQL = """
-SELECT count(*) FROM (
-SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.modality,
-       s.study_date, s.description, s.state, s.first_received_at, s.last_received_at,
-       s.instance_count,
-       (SELECT count(*) FROM results r WHERE r.study_uid = s.study_uid
-         AND r.superseded_by IS NULL) AS results,
-       (SELECT coalesce(max(r.critical), 0) FROM results r WHERE r.study_uid = s.study_uid
-         AND r.superseded_by IS NULL) AS critical,
-       (SELECT count(*) FROM reviews v JOIN results r USING (result_id)
-         WHERE r.study_uid = s.study_uid AND r.superseded_by IS NULL) AS reviews
-FROM studies s
-WHERE (:q = '' OR instr(lower(s.patient_name), lower(:q)) OR instr(lower(s.patient_id), lower(:q))
-       OR instr(lower(s.accession_number), lower(:q)) OR instr(s.study_uid, :q))
-  AND (:state = '' OR s.state = :state)
-  AND (:modality = '' OR s.modality = :modality))
-WHERE (:critical < 0 OR critical = :critical)
+# The page is chosen on cheap columns first (critical = member of a small indexed set), then
+# the per-study counts are computed for the rows of that page only.
+WORKLIST_SQL = (
+    """
+WITH crit AS (SELECT study_uid FROM results WHERE critical = 1 AND superseded_by IS NULL),
+page AS (
+  SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.modality,
+         s.study_date, s.description, s.state, s.last_received_at, s.instance_count,
+         (s.study_uid IN crit) AS critical
+  FROM studies s WHERE"""
+    + _FILTER
+    + """
+  ORDER BY critical DESC, s.last_received_at DESC LIMIT :limit OFFSET :offset
+)
+SELECT page.*,
+  (SELECT count(*) FROM results r WHERE r.study_uid = page.study_uid
+    AND r.superseded_by IS NULL) AS results,
+  (SELECT count(*) FROM reviews v JOIN results r USING (result_id)
+    WHERE r.study_uid = page.study_uid AND r.superseded_by IS NULL) AS reviews
+FROM page ORDER BY critical DESC, last_received_at DESC
 """
+)
+
+COUNT_SQL = (
+    """
+WITH crit AS (SELECT study_uid FROM results WHERE critical = 1 AND superseded_by IS NULL)
+SELECT count(*) FROM studies s WHERE"""
+    + _FILTER
+)
+
+
+def _like(q: str) -> str:
+    """A LIKE pattern matching ``q`` anywhere, its own % and _ taken literally."""
+    return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _ai_status(row: sqlite3.Row) -> str:
@@ -133,8 +136,10 @@ def _ai_status(row: sqlite3.Row) -> str:
 async def list_studies(request: web.Request) -> web.Response:
     """Worklist: studies, critical first then newest; filter by text, state, modality."""
     deps = request.app[DEPS]
+    q = request.query.get("q", "")[:100]
     params: dict[str, str | int] = {
-        "q": request.query.get("q", "")[:100],
+        "q": q,
+        "pat": _like(q),
         "state": _choice(request, "state", STATES),
         "modality": request.query.get("modality", "")[:16].upper(),
     }
@@ -275,7 +280,7 @@ async def get_study(request: web.Request) -> web.Response:
     detail = await asyncio.to_thread(query)
     if detail is None:
         raise ApiError(404, "not_found", "no such study")
-    audit(request, "study.view", uid, "api")
+    await audit(request, "study.view", uid, "api")
     return web.json_response(detail)
 
 
@@ -330,7 +335,7 @@ async def result_object(request: web.Request) -> web.StreamResponse:
     )
     if not row:
         raise ApiError(404, "not_found", "no such object")
-    audit(request, "object.download", f"{rid}/{kind}")
+    await audit(request, "object.download", f"{rid}/{kind}")
     return web.FileResponse(
         Path(deps.cfg.storage.data_dir) / row[0][0],
         headers={
@@ -396,7 +401,7 @@ async def create_review(request: web.Request) -> web.Response:
         return review
 
     review = await asyncio.to_thread(deps.store.writer.call, write)
-    audit(request, "review.create", rid, f"{finding}: {decision}")
+    await audit(request, "review.create", rid, f"{finding}: {decision}")
     if deps.review_hook is not None:
         deps.review_hook()
     return web.json_response(review, status=201)
@@ -434,7 +439,7 @@ async def study_report_pdf(request: web.Request) -> web.Response:
     body = await asyncio.to_thread(build)
     if body is None:
         raise ApiError(404, "not_found", "no such study")
-    audit(request, "report.view", uid, "pdf")
+    await audit(request, "report.view", uid, "pdf")
     return web.Response(
         body=body,
         content_type="application/pdf",
@@ -448,7 +453,7 @@ async def restore_study(request: web.Request) -> web.Response:
     uid = _uid(request, "study_uid")
     deps = request.app[DEPS]
     await asyncio.to_thread(deps.request_restore, uid, f"web:{request[USER].username}")
-    audit(request, "study.restore", uid)
+    await audit(request, "study.restore", uid)
     return web.json_response({"study_uid": uid, "restore": "requested"}, status=202)
 
 
@@ -494,7 +499,7 @@ async def resolve_conflict(request: web.Request) -> web.Response:
         raise ApiError(503, "hub_unreachable", f"the hub cannot be reached now: {exc}") from exc
     except HubRejected as exc:
         raise ApiError(404, "not_found", f"no open conflict {cid}") from exc
-    audit(request, "conflict.resolve", str(cid), take)
+    await audit(request, "conflict.resolve", str(cid), take)
     return web.json_response({"conflict_id": cid, "take": take, "version": version})
 
 
@@ -560,7 +565,7 @@ async def add_user(request: web.Request) -> web.Response:
         )
     except AccountError as exc:
         raise ApiError(400, "bad_request", str(exc)) from exc
-    audit(request, "user.create", username, role)
+    await audit(request, "user.create", username, role)
     return web.json_response({"username": user.username, "role": user.role}, status=201)
 
 
@@ -576,7 +581,7 @@ async def create_token(request: web.Request) -> web.Response:
         )
     except AccountError as exc:
         raise ApiError(400, "bad_request", str(exc)) from exc
-    audit(request, "token.create", name, username)
+    await audit(request, "token.create", name, username)
     return web.json_response({"name": name, "username": username, "token": token}, status=201)
 
 
@@ -597,7 +602,7 @@ async def export_audit(request: web.Request) -> web.Response:
             (since, limit),
         )
     ]
-    audit(request, "audit.export", fmt, f"{len(rows)} rows")
+    await audit(request, "audit.export", fmt, f"{len(rows)} rows")
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(

@@ -11,6 +11,7 @@ request gets an id (``X-Request-ID``, echoed) that the JSON logs carry.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -77,17 +78,21 @@ def remote(request: web.Request) -> str:
     return request.remote or "?"
 
 
-def audit(request: web.Request, action: str, target: str, detail: str = "") -> None:
+async def audit(request: web.Request, action: str, target: str, detail: str = "") -> None:
+    """Record who did or saw what; returns once the row is committed (without blocking the
+    event loop: the writer thread commits it with its next group)."""
     deps = request.app[DEPS]
     user = request.get(USER)
-    deps.accounts.audit(
-        username=user.username if user else "-",
-        action=action,
-        target=target,
-        remote=remote(request),
-        request_id=request[REQUEST_ID],
-        now=deps.clock.now(),
-        detail=detail,
+    await asyncio.wrap_future(
+        deps.accounts.audit(
+            username=user.username if user else "-",
+            action=action,
+            target=target,
+            remote=remote(request),
+            request_id=request[REQUEST_ID],
+            now=deps.clock.now(),
+            detail=detail,
+        )
     )
 
 
@@ -101,7 +106,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     request[REQUEST_ID] = rid if rid.isalnum() and len(rid) <= 64 else uuid.uuid4().hex
     started = time.perf_counter()
     try:
-        _authenticate(request)
+        await _authenticate(request)
         resp = await handler(request)
     except ApiError as exc:
         resp = _error(request, exc.status, exc.code, exc.message)
@@ -157,19 +162,23 @@ def _error(request: web.Request, status: int, code: str, message: str) -> web.St
     )
 
 
-def _authenticate(request: web.Request) -> None:
+async def _authenticate(request: web.Request) -> None:
     """Set USER (and SESSION) from a Bearer token or the session cookie; enforce CSRF on
     changes made with a session. Public paths pass without."""
     deps = request.app[DEPS]
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        user = deps.accounts.token_user(header[7:].strip())
+        user = await asyncio.to_thread(deps.accounts.token_user, header[7:].strip())
         if user is None:
             raise ApiError(401, "unauthenticated", "unknown or revoked API token")
         request[USER] = user
         return
     token = request.cookies.get(COOKIE)
-    session = deps.accounts.session(token, now=deps.clock.now()) if token else None
+    session = (
+        await asyncio.to_thread(deps.accounts.session, token, now=deps.clock.now())
+        if token
+        else None
+    )
     if session is not None:
         request[USER] = session.user
         request[SESSION] = session

@@ -80,17 +80,19 @@ async def login(request: web.Request) -> web.StreamResponse:
             now=deps.clock.now(),
         )
     except AuthFailed as exc:
-        deps.accounts.audit(
-            username=username or "-",
-            action="login.failed",
-            target=username,
-            remote=remote(request),
-            request_id=request[REQUEST_ID],
-            now=deps.clock.now(),
+        await asyncio.wrap_future(
+            deps.accounts.audit(
+                username=username or "-",
+                action="login.failed",
+                target=username,
+                remote=remote(request),
+                request_id=request[REQUEST_ID],
+                now=deps.clock.now(),
+            )
         )
         return _page(request, "login.html", status=401, next=target, error=str(exc))
     request[USER] = session.user
-    audit(request, "login", session.user.username)
+    await audit(request, "login", session.user.username)
     resp = web.HTTPFound(target)
     secure = bool(deps.cfg.web.tls_cert)
     resp.set_cookie(
@@ -110,8 +112,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     await posted_form(request)
     session = request.get(SESSION)
     if session is not None:
-        request.app[DEPS].accounts.logout(session)
-        audit(request, "logout", session.user.username)
+        await asyncio.to_thread(request.app[DEPS].accounts.logout, session)
+        await audit(request, "logout", session.user.username)
     resp = web.HTTPFound("/login")
     resp.del_cookie(COOKIE, path="/")
     raise resp
@@ -136,7 +138,7 @@ async def study(request: web.Request) -> web.Response:
     detail = await asyncio.to_thread(query)
     if detail is None:
         raise ApiError(404, "not_found", "no such study")
-    audit(request, "study.view", uid, "page")
+    await audit(request, "study.view", uid, "page")
     overlay_series = {r["series_uid"] for r in detail["results"] if r["task"] == "segmentation"}
     points = await asyncio.to_thread(_priors, deps, uid)
     charts = []
@@ -175,7 +177,7 @@ async def report(request: web.Request) -> web.Response:
     detail = await asyncio.to_thread(query)
     if detail is None:
         raise ApiError(404, "not_found", "no such study")
-    audit(request, "report.view", uid, "html")
+    await audit(request, "report.view", uid, "html")
     rows = [(r, measurements(r), review_status(r)) for r in detail["results"]]
     return _page(request, "report.html", s=detail, rows=rows, notice=NOTICE)
 
