@@ -267,9 +267,8 @@ def _finding_names(task: str, findings: dict[str, Any]) -> list[str]:
     return sorted(findings.get("probabilities", {}))
 
 
-@require("radiologist")
-async def get_study(request: web.Request) -> web.Response:
-    """One study: series, instances (tier), current results with findings and reviews."""
+async def load_study(request: web.Request) -> dict[str, Any]:
+    """The ``study_uid`` of the path, in full (404 if unknown); off the event loop."""
     uid = _uid(request, "study_uid")
     deps = request.app[DEPS]
 
@@ -280,7 +279,14 @@ async def get_study(request: web.Request) -> web.Response:
     detail = await asyncio.to_thread(query)
     if detail is None:
         raise ApiError(404, "not_found", "no such study")
-    await audit(request, "study.view", uid, "api")
+    return detail
+
+
+@require("radiologist")
+async def get_study(request: web.Request) -> web.Response:
+    """One study: series, instances (tier), current results with findings and reviews."""
+    detail = await load_study(request)
+    await audit(request, "study.view", detail["study_uid"], "api")
     return web.json_response(detail)
 
 
@@ -428,17 +434,10 @@ async def study_priors(request: web.Request) -> web.Response:
 @require("radiologist")
 async def study_report_pdf(request: web.Request) -> web.Response:
     """The study's AI report as PDF (same content as the SR, with review status)."""
-    uid = _uid(request, "study_uid")
-    deps = request.app[DEPS]
-
-    def build() -> bytes | None:
-        with deps.store.read() as conn:
-            detail = study_detail(conn, uid)
-        return None if detail is None else report_pdf(detail, site=deps.cfg.dicom.ae_title)
-
-    body = await asyncio.to_thread(build)
-    if body is None:
-        raise ApiError(404, "not_found", "no such study")
+    detail = await load_study(request)
+    uid = detail["study_uid"]
+    site = request.app[DEPS].cfg.dicom.ae_title
+    body = await asyncio.to_thread(report_pdf, detail, site=site)
     await audit(request, "report.view", uid, "pdf")
     return web.Response(
         body=body,

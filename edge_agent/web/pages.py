@@ -10,7 +10,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from edge_agent.web.accounts import AuthFailed
-from edge_agent.web.api import _uid, node_status_data, study_detail
+from edge_agent.web.api import load_study, node_status_data
 from edge_agent.web.app import (
     COOKIE,
     DEPS,
@@ -18,7 +18,6 @@ from edge_agent.web.app import (
     SESSION,
     TEMPLATES,
     USER,
-    ApiError,
     audit,
     posted_form,
     remote,
@@ -128,16 +127,8 @@ async def worklist(request: web.Request) -> web.Response:
 
 @require("radiologist")
 async def study(request: web.Request) -> web.Response:
-    uid = _uid(request, "study_uid")
-    deps = request.app[DEPS]
-
-    def query() -> dict[str, Any] | None:
-        with deps.store.read() as conn:
-            return study_detail(conn, uid)
-
-    detail = await asyncio.to_thread(query)
-    if detail is None:
-        raise ApiError(404, "not_found", "no such study")
+    detail = await load_study(request)
+    uid, deps = detail["study_uid"], request.app[DEPS]
     await audit(request, "study.view", uid, "page")
     overlay_series = {r["series_uid"] for r in detail["results"] if r["task"] == "segmentation"}
     points = await asyncio.to_thread(_priors, deps, uid)
@@ -167,17 +158,8 @@ def _priors(deps: Any, uid: str) -> list[dict[str, Any]]:
 
 @require("radiologist")
 async def report(request: web.Request) -> web.Response:
-    uid = _uid(request, "study_uid")
-    deps = request.app[DEPS]
-
-    def query() -> dict[str, Any] | None:
-        with deps.store.read() as conn:
-            return study_detail(conn, uid)
-
-    detail = await asyncio.to_thread(query)
-    if detail is None:
-        raise ApiError(404, "not_found", "no such study")
-    await audit(request, "report.view", uid, "html")
+    detail = await load_study(request)
+    await audit(request, "report.view", detail["study_uid"], "html")
     rows = [(r, measurements(r), review_status(r)) for r in detail["results"]]
     return _page(request, "report.html", s=detail, rows=rows, notice=NOTICE)
 
