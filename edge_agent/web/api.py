@@ -507,8 +507,11 @@ async def resolve_conflict(request: web.Request) -> web.Response:
 
 def node_status_data(deps: WebDeps) -> dict[str, Any]:
     """Connectivity, outbox, dead letters, storage, devices, models, recent errors."""
+    import onnxruntime
+
     out = dict(deps.health())
     out["storage"] = deps.storage_status()
+    out["execution_providers"] = onnxruntime.get_available_providers()
     with deps.store.read() as conn:
         out["models"] = [
             dict(r)

@@ -166,6 +166,9 @@ def test_roles_csrf_reviews_and_audit(
         assert (await client.get("/api/v1/studies")).status == 403
         status = await _json(await client.get("/api/v1/status"))
         assert status["models"][0]["name"] == SEG_NAME and "storage" in status
+        assert "CPUExecutionProvider" in status["execution_providers"]
+        page = await (await client.get("/status")).text()
+        assert "CPUExecutionProvider" in page and "Hub connectivity" in page
         metrics = await (await client.get("/metrics")).text()
         assert "edge_dicom_instances_total" in metrics and "edge_storage_tier_bytes" in metrics
         r = await client.post(
