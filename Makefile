@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine:  `make demo`  and  `make test`.
-# Both install what they need: DCMTK from the distribution (apt-get), Python packages into .venv.
+# Both install what they need from the distribution (apt-get: DCMTK, PostgreSQL, Chromium,
+# promtool, kubectl, shellcheck) and Python packages into .venv.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -31,14 +32,23 @@ bench: system-deps venv
 	$(BIN)/python bench/ingest.py
 
 system-deps:
-	@if command -v storescu >/dev/null && command -v echoscu >/dev/null \
-	    && command -v storescp >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-	    && command -v chromium >/dev/null && command -v chromedriver >/dev/null; \
-	then :; else \
-	  echo "installing DCMTK, PostgreSQL and Chromium (apt-get)"; \
+	@missing=""; \
+	command -v storescu >/dev/null && command -v echoscu >/dev/null \
+	  && command -v storescp >/dev/null || missing="$$missing dcmtk"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    dcmtk postgresql chromium chromium-driver; \
+	    $$missing || exit 1; \
+	  case "$$missing" in *prometheus*) \
+	    { $(SUDO) systemctl disable --now prometheus >/dev/null 2>&1; \
+	      $(SUDO) service prometheus stop >/dev/null 2>&1; true; } ;; esac; \
 	fi
 
 venv: $(STAMP)
