@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ def test_radiologist_rejects_a_finding_and_the_review_reaches_the_hub(
     base = f"http://127.0.0.1:{web_port}"
     try:
         wait_ready(rig.port, "EDGE_UI", agent, log)
+
+        def web_up() -> bool:  # the web server starts just after the DICOM listener
+            try:
+                with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                assert agent.poll() is None, log.read_text()[-3000:]
+                return False
+
+        _wait("the web UI", web_up)
         browser.get(base + "/worklist")
         assert "/login" in browser.current_url  # not logged in: sent to the login page
         browser.find_element(By.ID, "username").send_keys("dr.house")
