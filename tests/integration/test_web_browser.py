@@ -115,8 +115,9 @@ def test_radiologist_rejects_a_finding_and_the_review_reaches_the_hub(
         browser.find_element(By.ID, "username").send_keys("dr.house")
         browser.find_element(By.ID, "password").send_keys(PASSWORD)
         browser.find_element(By.ID, "login-button").click()
-        _wait("the worklist", lambda: browser.current_url.endswith("/worklist"))
-        assert "dr.house (radiologist)" in browser.find_element(By.ID, "whoami").text
+        _wait("the worklist", lambda: browser.find_elements(By.ID, "worklist"))
+        who = _wait("the user name", lambda: browser.find_elements(By.ID, "whoami"))
+        assert "dr.house (radiologist)" in who[0].text
         browser.save_screenshot(str(ARTIFACTS / "1-worklist-empty.png"))
 
         # a study arrives while the page is open: it appears without a reload
@@ -148,9 +149,9 @@ def test_radiologist_rejects_a_finding_and_the_review_reaches_the_hub(
         browser.save_screenshot(str(ARTIFACTS / "2-worklist-study-arrived.png"))
 
         row.find_element(By.TAG_NAME, "a").click()
-        _wait("the study page", lambda: "/studies/" in browser.current_url)
-        assert "BROWSER^TEST" in browser.find_element(By.ID, "study-title").text
-        img = browser.find_element(By.CSS_SELECTOR, "img.slice")
+        title = _wait("the study page", lambda: browser.find_elements(By.ID, "study-title"))
+        assert "BROWSER^TEST" in title[0].text and "/studies/" in browser.current_url
+        img = _wait("the viewer", lambda: browser.find_elements(By.CSS_SELECTOR, "img.slice"))[0]
         assert "overlay=1" in img.get_attribute("src")
         # move to a slice with a finding and check the overlay is drawn (red pixels)
         cells = browser.find_elements(By.CSS_SELECTOR, ".measurements td")
