@@ -132,23 +132,35 @@ def test_radiologist_rejects_a_finding_and_the_review_reaches_the_hub(
             patient_name="BROWSER^TEST",
         )
         assert storescu(rig.port, *study.files, aec="EDGE_UI").returncode == 0
-        row = _wait(
-            "the study in the worklist",
-            lambda: next(
-                (
-                    r
-                    for r in browser.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")
-                    if "BROWSER^TEST" in r.text and "result" in r.text
-                ),
-                None,
-            ),
-            timeout=60,
-        )
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def arrived() -> str | None:
+            # the table is re-rendered every refresh: read a row's text in one go
+            try:
+                for r in browser.find_elements(By.CSS_SELECTOR, "#worklist tbody tr"):
+                    text = str(r.text)
+                    if "BROWSER^TEST" in text and "result" in text:
+                        return text
+            except StaleElementReferenceException:
+                pass
+            return None
+
+        row_text = _wait("the study in the worklist", arrived, timeout=60)
         assert browser.execute_script("return window.__noReload;") == marker  # same page
-        assert "UI-7" in row.text and "DONE" in row.text
+        assert "UI-7" in row_text and "DONE" in row_text
         browser.save_screenshot(str(ARTIFACTS / "2-worklist-study-arrived.png"))
 
-        row.find_element(By.TAG_NAME, "a").click()
+        def open_study() -> bool:
+            try:
+                link = browser.find_element(
+                    By.XPATH, "//table[@id='worklist']//tr[contains(., 'BROWSER^TEST')]//a"
+                )
+                link.click()
+            except StaleElementReferenceException:
+                return False
+            return True
+
+        _wait("a click on the study", open_study)
         title = _wait("the study page", lambda: browser.find_elements(By.ID, "study-title"))
         assert "BROWSER^TEST" in title[0].text and "/studies/" in browser.current_url
         img = _wait("the viewer", lambda: browser.find_elements(By.CSS_SELECTOR, "img.slice"))[0]
