@@ -264,7 +264,8 @@ class HubStore:
     ) -> str:
         """A one-time token for ops to hand to a new site (stored hashed)."""
         now = time.time() if now is None else now
-        token = secrets.token_urlsafe(32)
+        # prefixed: a token starting with "-" would read as an option on a command line
+        token = "enroll_" + secrets.token_urlsafe(32)
         with self.engine.begin() as conn:
             conn.execute(
                 enrollment_tokens.insert().values(

@@ -411,7 +411,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         text=True,
         check=True,
     ).stdout.strip()
-    cli_main(["sync", "enroll", "--hub", hub_url, "--token", token, "--config", str(cfg)])
+    cli_main(["sync", "enroll", "--hub", hub_url, f"--token={token}", "--config", str(cfg)])
 
     ops = Ops(workdir, hub_db)
     _step("central ops make their release signing key; this site pins its public half")

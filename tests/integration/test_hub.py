@@ -82,6 +82,7 @@ def test_enrollment_is_one_time_and_every_request_is_authenticated(hub_url: str)
     async def go() -> None:
         async with hub(hub_url) as (client, store):
             token = store.create_enrollment_token("St. Elsewhere")
+            assert token.startswith("enroll_")  # never "-...": it goes on command lines
             first = await client.post("/v1/enroll", json={"token": token})
             assert first.status == 200
             replay = await client.post("/v1/enroll", json={"token": token})
