@@ -33,6 +33,7 @@ from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics, create_metrics
 from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool, Store
+from edge_agent.store.lock import DataDirLock
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
 from edge_agent.sync import outbox
@@ -88,9 +89,16 @@ class EdgeApp:
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics or create_metrics()
         s = cfg.storage
-        self.spool = prepare_dirs(cfg)
         self.data_dir = Path(s.data_dir)
-        self.store = Store(self.data_dir / s.database, fsync_dirs=s.fsync)
+        # before any recovery, migration or port binding: a second agent on this folder
+        # must touch nothing
+        self.lock = DataDirLock.acquire(self.data_dir, what="edge-agent run")
+        try:
+            self.spool = prepare_dirs(cfg)
+            self.store = Store(self.data_dir / s.database, fsync_dirs=s.fsync)
+        except BaseException:
+            self.lock.release()
+            raise
         self.recovery = self._recover()
         self.ingestor = Ingestor(
             store=self.store,
@@ -99,6 +107,8 @@ class EdgeApp:
             clock=self.clock,
             metrics=self.metrics,
             min_free_bytes=s.min_free_mb * 2**20,
+            max_depth=cfg.dicom.max_sequence_depth,
+            max_inflated_bytes=cfg.dicom.max_inflated_mb * 2**20,
         )
         self.listener = DicomListener(
             cfg.dicom,
@@ -106,6 +116,7 @@ class EdgeApp:
             store=self.store,
             clock=self.clock,
             metrics=self.metrics,
+            spill_dir=self.spool.tmp,
         )
         self.assembly = AssemblyWorker(
             cfg.studies, store=self.store, clock=self.clock, metrics=self.metrics
@@ -265,7 +276,7 @@ class EdgeApp:
             self.store.writer.call(lambda c: c.execute("SELECT 1"), timeout=5)
         except Exception as exc:  # any failure means not ready; the reason is shown
             checks["store"] = f"store not writable: {exc}"
-        if self.listener._server is None:
+        if not self.listener.accepting:
             checks["listener"] = "DICOM listener not accepting"
         if self.cfg.inference.enabled and not self.registry.active():
             checks["models"] = "no active model installed"
@@ -274,7 +285,7 @@ class EdgeApp:
     def _idle(self) -> bool:
         """No association open and no inference job running (for database upkeep)."""
         running = self.store.query("SELECT count(*) FROM inference_jobs WHERE state = 'RUNNING'")
-        return len(self.listener.ae.active_associations) == 0 and running[0][0] == 0
+        return self.listener.active_associations == 0 and running[0][0] == 0
 
     def health(self) -> dict[str, object]:
         """The summary sent in heartbeats (and, later, shown by the web UI)."""
@@ -294,11 +305,14 @@ class EdgeApp:
         }
 
     def close(self) -> None:
-        """Drain the writer, close the store and mark a clean stop."""
-        self.store.close()
-        (self.data_dir / CLEAN_STOP_MARKER).write_text(
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n"
-        )
+        """Drain the writer, close the store, mark a clean stop and release the folder."""
+        try:
+            self.store.close()
+            (self.data_dir / CLEAN_STOP_MARKER).write_text(
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n"
+            )
+        finally:
+            self.lock.release()
 
     async def _start_web(self) -> web.AppRunner:
         w = self.cfg.web

@@ -826,8 +826,14 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 def _cmd_restore_backup(args: argparse.Namespace) -> int:
     from edge_agent.store.backup import restore
+    from edge_agent.store.lock import DataDirLock
 
-    rep = restore(args.source, _load(args))
+    cfg = _load(args)
+    lock = DataDirLock.acquire(Path(cfg.storage.data_dir), what="edge-agent restore")
+    try:
+        rep = restore(args.source, cfg)
+    finally:
+        lock.release()
     print(
         f"restored {rep.instances} instance rows and {rep.files} files ({rep.bytes} bytes), "
         f"every one checked against the backup's manifest, in {rep.seconds:.1f} s"

@@ -24,6 +24,7 @@ from typing import Any, get_type_hints
 from edge_agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_"
+MAX_PDU_BYTES = 16 * 2**20  # the largest PDU the listener will ever announce or buffer
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -75,10 +76,28 @@ class DicomConfig:
     ``max_associations``: concurrent associations (1-256); more are rejected
     "local limit exceeded" (transient). ``require_called_ae_title``: reject associations
     addressed to another AE title. ``allowed_callers``: the allow-list; an empty list rejects
-    everyone unless ``allow_any_caller`` is true. Timeouts are in seconds.
-    ``max_pdu_bytes``: largest PDU we accept (0 = unlimited).
-    ``poll_interval_ms``: how long pynetdicom's network thread sleeps when idle (0.05-10 ms;
-    pynetdicom's own default is 1): lower is faster per C-STORE, costs more CPU while idle.
+    everyone unless ``allow_any_caller`` is true.
+
+    Limits (each refusal is counted in ``edge_dicom_limit_refusals_total`` and audited):
+    ``max_connections`` TCP connections at once (associations or not, 1-65536) and
+    ``max_connections_per_ip`` from one peer address: more are closed at once.
+    ``acse_timeout_s``: the ARTIM timer: an A-ASSOCIATE-RQ must arrive this long after the
+    connection (after the TLS handshake), and the peer must close this long after our
+    rejection, release or abort. ``tls_handshake_timeout_s``: the TLS handshake's deadline.
+    ``network_timeout_s``: the longest an association may sit idle between messages.
+    ``dimse_timeout_s``: the longest gap between two PDUs of one message.
+    ``pdu_read_timeout_s``: once a PDU's header arrived, its body must arrive within this.
+    ``max_pdu_bytes``: the largest P-DATA PDU we accept (announced in the A-ASSOCIATE-AC,
+    4096..16777216; 0, once "unlimited", now means the most, 16 MiB); a longer one aborts
+    the association before its body is read.
+    ``max_dataset_mb``: the largest dataset accepted (a longer one aborts).
+    ``memory_dataset_kb``: datasets up to this size are received in memory, larger ones
+    straight into a spill file on the hot tier; ``max_buffered_mb`` caps the memory all
+    associations together hold (past it, datasets spill). ``max_sequence_depth``: the
+    deepest sequence nesting accepted. ``max_inflated_mb``: the most a deflated dataset may
+    inflate to. Timeouts are in seconds.
+    ``poll_interval_ms``: deprecated and ignored (pynetdicom's server is no longer used);
+    kept so older configuration files still load.
     """
 
     ae_title: str = "EDGE_AGENT"
@@ -88,10 +107,19 @@ class DicomConfig:
     require_called_ae_title: bool = True
     allow_any_caller: bool = False
     allowed_callers: tuple[AllowedCaller, ...] = ()
-    acse_timeout_s: float = 30.0
+    max_connections: int = 512
+    max_connections_per_ip: int = 32
+    acse_timeout_s: float = 10.0
+    tls_handshake_timeout_s: float = 10.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    pdu_read_timeout_s: float = 30.0
     max_pdu_bytes: int = 262_144
+    max_dataset_mb: int = 4096
+    memory_dataset_kb: int = 8192
+    max_buffered_mb: int = 256
+    max_sequence_depth: int = 32
+    max_inflated_mb: int = 64
     shutdown_grace_s: float = 30.0
     poll_interval_ms: float = 0.2
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -596,16 +624,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError("dicom.bind_address", f"not an IP address: {d.bind_address!r}") from None
     if not 1 <= d.max_associations <= 256:
         raise ConfigError("dicom.max_associations", f"must be 1..256, got {d.max_associations}")
-    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "shutdown_grace_s"):
+    for name in (
+        "acse_timeout_s",
+        "tls_handshake_timeout_s",
+        "dimse_timeout_s",
+        "network_timeout_s",
+        "pdu_read_timeout_s",
+        "shutdown_grace_s",
+    ):
         v = getattr(d, name)
         if not 0 < v <= 3600:
             raise ConfigError(f"dicom.{name}", f"must be in (0, 3600] seconds, got {v}")
-    if not 0.05 <= d.poll_interval_ms <= 10:
+    if d.max_pdu_bytes != 0 and not 4096 <= d.max_pdu_bytes <= MAX_PDU_BYTES:
         raise ConfigError(
-            "dicom.poll_interval_ms", f"must be 0.05..10 ms, got {d.poll_interval_ms}"
+            "dicom.max_pdu_bytes",
+            f"must be 4096..{MAX_PDU_BYTES} bytes (or 0 for the most), got {d.max_pdu_bytes}",
         )
-    if d.max_pdu_bytes != 0 and not 4096 <= d.max_pdu_bytes <= 2**32 - 1:
-        raise ConfigError("dicom.max_pdu_bytes", "must be 0 (unlimited) or 4096..4294967295")
+    for name, lo, hi in (
+        ("max_connections", 1, 65536),
+        ("max_connections_per_ip", 1, 65536),
+        ("max_dataset_mb", 1, 65536),
+        ("memory_dataset_kb", 64, 1024 * 1024),
+        ("max_buffered_mb", 1, 65536),
+        ("max_sequence_depth", 1, 256),
+        ("max_inflated_mb", 1, 4096),
+    ):
+        v = getattr(d, name)
+        if not lo <= v <= hi:
+            raise ConfigError(f"dicom.{name}", f"must be {lo}..{hi}, got {v}")
+    if d.max_connections < d.max_associations:
+        raise ConfigError(
+            "dicom.max_connections",
+            f"must be at least dicom.max_associations ({d.max_associations})",
+        )
     if not d.allowed_callers and not d.allow_any_caller:
         raise ConfigError(
             "dicom.allowed_callers",

@@ -1,29 +1,33 @@
-"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE.
+"""The DICOM listener: our asyncio acceptor (:mod:`edge_agent.dicom`) answering C-ECHO and
+C-STORE, with the agent's association policy and audit.
 
-pynetdicom runs each association on its own thread. The handlers here stay tiny: the C-STORE
-handler hands the encoded dataset to :class:`~edge_agent.studies.ingest.Ingestor` (write,
-fsync, commit) and returns its status; it never decodes pixels.
+The acceptor runs on its own event loop thread, so a busy web UI or inference worker never
+delays a response. The C-STORE handler stays tiny: it hands the received dataset to
+:class:`~edge_agent.studies.ingest.Ingestor` (check, write, fsync, commit) on a worker
+thread and returns its status; it never decodes pixels.
 
-Association policy is decided in ``EVT_REQUESTED`` (before negotiation) so every request,
-accepted or not, gets an audit row with who, from where and why it was rejected:
+Association policy (audited, one row per TCP connection that reached us):
 
 * calling AE title (and optional source network) not on the allow-list ->
   A-ASSOCIATE-RJ permanent, "calling AE title not recognised";
 * called AE title is not ours (when required) -> permanent, "called AE title not recognised";
-* more than ``max_associations`` open -> transient, "local limit exceeded".
+* ``max_associations`` already open -> transient, "local limit exceeded";
+* connections over the global or per-IP cap, without an A-ASSOCIATE-RQ within the ARTIM
+  time, failing the TLS handshake or breaking a limit are closed (or aborted) and recorded
+  with outcome ``dropped``/``aborted`` and the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import threading
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Future
+from pathlib import Path
 
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -42,18 +46,16 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from edge_agent.clock import Clock
-from edge_agent.config import DicomConfig
+from edge_agent.config import MAX_PDU_BYTES, DicomConfig
+from edge_agent.dicom import pdu
+from edge_agent.dicom.negotiation import Rejected, Request, supported_contexts
+from edge_agent.dicom.server import VERIFICATION, AcceptorServer, Limits, Payload, Session
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
-from edge_agent.studies.ingest import Ingestor, Origin, Outcome
+from edge_agent.studies.ingest import Ingestor, Origin, Outcome, file_header_for
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +83,28 @@ TRANSFER_SYNTAXES = (
 
 ERROR_COMMENT_MAX = 64  # Error Comment (0000,0902) is LO: 64 characters
 
-# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
-
-@dataclass
-class _AssocRecord:
-    id: str
-    calling_ae: str
-    peer_host: str
-    rejected: str | None = None
-    received: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    refused: int = 0
+def limits_from(cfg: DicomConfig) -> Limits:
+    """The acceptor's limits from the ``[dicom]`` settings."""
+    return Limits(
+        max_associations=cfg.max_associations,
+        max_connections=cfg.max_connections,
+        max_connections_per_ip=cfg.max_connections_per_ip,
+        artim_s=cfg.acse_timeout_s,
+        tls_handshake_s=cfg.tls_handshake_timeout_s,
+        idle_s=cfg.network_timeout_s,
+        message_gap_s=cfg.dimse_timeout_s,
+        pdu_read_s=cfg.pdu_read_timeout_s,
+        max_pdu_bytes=cfg.max_pdu_bytes or MAX_PDU_BYTES,
+        max_dataset_bytes=cfg.max_dataset_mb * 2**20,
+        memory_dataset_bytes=cfg.memory_dataset_kb * 1024,
+        max_buffered_bytes=cfg.max_buffered_mb * 2**20,
+        shutdown_grace_s=cfg.shutdown_grace_s,
+    )
 
 
 class DicomListener:
-    """Owns the AE and its server; :meth:`start` listens, :meth:`stop` drains and closes."""
+    """Owns the acceptor; :meth:`start` listens, :meth:`stop` drains and closes."""
 
     def __init__(
         self,
@@ -110,70 +114,71 @@ class DicomListener:
         store: Store,
         clock: Clock,
         metrics: Metrics,
+        spill_dir: Path,
     ) -> None:
         self._cfg = cfg
         self._ingestor = ingestor
         self._store = store
         self._clock = clock
         self._metrics = metrics
-        self._records: dict[int, _AssocRecord] = {}
-        self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
-        self._accepting = threading.Event()
-        self.ae = self._build_ae()
+        self.spill_dir = spill_dir
+        abstract = [VERIFICATION] + [
+            str(cx.abstract_syntax)
+            for cx in AllStoragePresentationContexts
+            if cx.abstract_syntax is not None
+        ]
+        self.contexts = supported_contexts(abstract, [str(t) for t in TRANSFER_SYNTAXES])
+        self._server: AcceptorServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
 
-    def _build_ae(self) -> AE:
-        cfg = self._cfg
-        # pynetdicom's "standard" handlers decode and format every DIMSE message for its
-        # debug log even when nothing is logged (~5% of a small C-STORE); keep them only when
-        # its logger is at DEBUG. (A pynetdicom module setting: this process has one AE.)
-        debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
-        pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
-        ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
-        ae.acse_timeout = cfg.acse_timeout_s
-        ae.dimse_timeout = cfg.dimse_timeout_s
-        ae.network_timeout = cfg.network_timeout_s
-        ae.maximum_pdu_size = cfg.max_pdu_bytes
-        # Policy is enforced in EVT_REQUESTED (with audit); pynetdicom's own called-AE check
-        # stays on as a second line.
-        ae.require_called_aet = cfg.require_called_ae_title
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
-        return ae
+    # -- lifecycle ------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
         """The port actually bound (useful when configured as 0 in tests)."""
         if self._server is None:
             raise RuntimeError("listener not started")
-        return int(self._server.server_address[1])
+        return self._port
+
+    @property
+    def accepting(self) -> bool:
+        """True while new associations are accepted."""
+        return self._server is not None and self._server.accepting
+
+    @property
+    def active_associations(self) -> int:
+        """Accepted associations open now."""
+        return self._server.active if self._server is not None else 0
 
     def start(self) -> None:
-        """Bind and serve in background threads. Raises ``OSError`` if the port is taken."""
-        handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_CLOSE, self._on_close),
-        ]
-        self._accepting.set()
-        self._server = self.ae.start_server(
-            (self._cfg.bind_address, self._cfg.port),
-            block=False,
-            ssl_context=self._ssl_context(),
-            evt_handlers=handlers,
+        """Bind and serve on a background event loop. Raises ``OSError`` if the port is
+        taken (nothing is left running)."""
+        cfg = self._cfg
+        family = socket.AF_INET6 if ":" in cfg.bind_address else socket.AF_INET
+        sock = socket.create_server((cfg.bind_address, cfg.port), family=family, backlog=512)
+        sock.setblocking(False)
+        self._port = int(sock.getsockname()[1])
+        self._loop = asyncio.new_event_loop()
+        self._server = AcceptorServer(
+            self, limits_from(cfg), ssl_context=self._ssl_context(), now=self._clock.now
         )
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="dicom-acceptor", daemon=True
+        )
+        self._thread.start()
+        started: Future[None] = asyncio.run_coroutine_threadsafe(
+            self._server.start(sock), self._loop
+        )
+        started.result(timeout=10)
         log.info(
             "DICOM listener started",
             extra={
-                "ae_title": self._cfg.ae_title,
-                "bind_address": self._cfg.bind_address,
-                "port": self.port,
-                "tls": self._cfg.tls.enabled,
+                "ae_title": cfg.ae_title,
+                "bind_address": cfg.bind_address,
+                "port": self._port,
+                "tls": cfg.tls.enabled,
             },
         )
 
@@ -182,19 +187,19 @@ class DicomListener:
         in-flight associations finish for up to ``grace_s`` seconds, then abort the rest.
         Returns how many associations had to be aborted."""
         grace = self._cfg.shutdown_grace_s if grace_s is None else grace_s
-        self._accepting.clear()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-        deadline = time.monotonic() + grace
-        while self.ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = len(self.ae.active_associations)
+        server, loop, thread = self._server, self._loop, self._thread
+        if server is None or loop is None or thread is None:
+            return 0
+        left = asyncio.run_coroutine_threadsafe(server.shutdown(grace), loop).result(grace + 30)
         if left:
             log.warning(
-                "aborting associations still open after the grace period", extra={"count": left}
+                "aborted associations still open after the grace period", extra={"count": left}
             )
-        self.ae.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        with contextlib.suppress(RuntimeError):
+            loop.close()
+        self._server = self._loop = self._thread = None
         log.info("DICOM listener stopped")
         return left
 
@@ -210,146 +215,139 @@ class DicomListener:
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    # -- handlers (run on association threads) -------------------------------------------
+    # -- the acceptor's service (event loop thread, except store) -------------------------
 
-    def _on_conn_open(self, event: evt.Event) -> None:
-        # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do, so every
-        # response waits up to one interval before it is sent (default 1 ms). A shorter
-        # interval raises C-STORE throughput ~35% for small instances at the cost of more
-        # wake-ups while an association sits idle (README: dicom.poll_interval_ms).
-        dul = event.assoc.dul
-        if hasattr(dul, "_run_loop_delay"):
-            dul._run_loop_delay = self._cfg.poll_interval_ms / 1000.0
-
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        rq = assoc.requestor.primitive
-        assert rq is not None  # EVT_REQUESTED fires only after the A-ASSOCIATE-RQ arrived
-        calling = str(rq.calling_ae_title).strip()
-        called = str(rq.called_ae_title).strip()
-        host, port = str(assoc.requestor.address), int(assoc.requestor.port)
-        rec = _AssocRecord(id=str(uuid.uuid4()), calling_ae=calling, peer_host=host)
-        reject: tuple[int, int, int] | None = None
+    def decide(self, session: Session, request: Request, active: int) -> Rejected | None:
         cfg = self._cfg
-        if not self._accepting.is_set():
-            rec.rejected, reject = "shutting down", REJECT_LOCAL_LIMIT
-        elif not cfg.allow_any_caller and not any(
+        calling, called, host = request.calling_ae, request.called_ae, session.peer_host
+        if self._server is None or not self._server.accepting:
+            return Rejected(pdu.REJECT_LOCAL_LIMIT, "shutting down")
+        if not cfg.allow_any_caller and not any(
             c.matches(calling, host) for c in cfg.allowed_callers
         ):
-            rec.rejected, reject = "calling AE title not recognised", REJECT_CALLING_AE
-        elif cfg.require_called_ae_title and called != cfg.ae_title.strip():
-            rec.rejected, reject = "called AE title not recognised", REJECT_CALLED_AE
-        else:
-            active = sum(1 for a in self.ae.active_associations if a.is_acceptor)
-            if active > cfg.max_associations:
-                rec.rejected, reject = "local limit exceeded", REJECT_LOCAL_LIMIT
-        now = self._clock.now()
-        with self._lock:
-            self._records[id(assoc)] = rec
-        self._store.writer.submit(
-            lambda conn: conn.execute(
-                """INSERT INTO associations (id, calling_ae, called_ae, peer_host, peer_port,
-                       tls, started_at, ended_at, outcome, reject_reason)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    rec.id,
-                    calling,
-                    called,
-                    host,
-                    port,
-                    int(self._cfg.tls.enabled),
-                    now,
-                    now if reject else None,
-                    "rejected" if reject else "open",
-                    rec.rejected,
-                ),
-            )
-        )
-        if reject is not None:
+            return Rejected(pdu.REJECT_CALLING_AE, "calling AE title not recognised")
+        if cfg.require_called_ae_title and called != cfg.ae_title.strip():
+            return Rejected(pdu.REJECT_CALLED_AE, "called AE title not recognised")
+        if active >= cfg.max_associations:
+            self._metrics.limit_refusals.labels("associations").inc()
+            return Rejected(pdu.REJECT_LOCAL_LIMIT, "local limit exceeded")
+        return None
+
+    def opened(self, session: Session) -> None:
+        s = session
+        if s.outcome == "rejected":
             log.warning(
                 "association rejected",
                 extra={
-                    "reason": rec.rejected,
-                    "calling_ae": calling,
-                    "called_ae": called,
-                    "peer": f"{host}:{port}",
+                    "reason": s.reason,
+                    "calling_ae": s.calling_ae,
+                    "called_ae": s.called_ae,
+                    "peer": f"{s.peer_host}:{s.peer_port}",
                 },
             )
             self._metrics.associations.labels("rejected").inc()
-            assoc.acse.send_reject(*reject)
-            # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is
-            # on the wire and the peer closed, before the server closes the socket.
-            assoc.kill()
-            return
-        self._metrics.associations.labels("accepted").inc()
-        self._metrics.active_associations.inc()
-        log.info(
-            "association requested",
-            extra={"calling_ae": calling, "peer": f"{host}:{port}", "association_id": rec.id},
-        )
-
-    def _record(self, event: evt.Event) -> _AssocRecord:
-        with self._lock:
-            rec = self._records.get(id(event.assoc))
-        if rec is None:  # pragma: no cover - EVT_REQUESTED always runs first
-            rec = _AssocRecord(id="", calling_ae="", peer_host="")
-        return rec
-
-    def _on_echo(self, event: evt.Event) -> int:
-        return 0x0000
-
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        rec = self._record(event)
-        req = event.request
-        assert isinstance(req, C_STORE)
-        result = self._ingestor.receive(
-            event.encoded_dataset(include_meta=False),
-            transfer_syntax=str(event.context.transfer_syntax),
-            sop_class_uid=str(req.AffectedSOPClassUID),
-            sop_instance_uid=str(req.AffectedSOPInstanceUID),
-            origin=Origin(
-                association_id=rec.id or None, calling_ae=rec.calling_ae, peer_host=rec.peer_host
-            ),
-        )
-        if result.outcome is Outcome.DUPLICATE:
-            rec.duplicates += 1
-        elif result.outcome is Outcome.QUARANTINED:
-            rec.failed += 1
-        elif result.outcome is Outcome.REFUSED:
-            rec.refused += 1
         else:
-            rec.received += 1
-        if not result.comment:
-            return result.status
-        rsp = Dataset()
-        rsp.Status = result.status
-        rsp.ErrorComment = result.comment[:ERROR_COMMENT_MAX]
-        return rsp
-
-    def _on_close(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        with self._lock:
-            rec = self._records.pop(id(assoc), None)
-        if rec is None or rec.rejected is not None:
-            return
-        self._metrics.active_associations.dec()
-        outcome = "released" if assoc.is_released else "aborted"
-        now = self._clock.now()
-        self._store.writer.submit(
-            lambda conn: conn.execute(
-                """UPDATE associations SET ended_at = ?, outcome = ?, received = ?,
-                       duplicates = ?, failed = ?, refused = ? WHERE id = ?""",
-                (now, outcome, rec.received, rec.duplicates, rec.failed, rec.refused, rec.id),
+            self._metrics.associations.labels("accepted").inc()
+            self._metrics.active_associations.inc()
+            log.info(
+                "association accepted",
+                extra={
+                    "calling_ae": s.calling_ae,
+                    "peer": f"{s.peer_host}:{s.peer_port}",
+                    "association_id": s.id,
+                    "user_identity": s.user_identity,
+                },
             )
-        )
+        s.audited = True
+        self._insert_audit(s, ended_at=self._clock.now() if s.outcome == "rejected" else None)
+
+    def closed(self, session: Session) -> None:
+        s = session
+        now = self._clock.now()
+        if s.accepted:
+            self._metrics.active_associations.dec()
+        self._metrics.connections.labels(s.outcome).inc()
+        if not s.audited:
+            log.warning(
+                "connection dropped",
+                extra={"peer": f"{s.peer_host}:{s.peer_port}", "reason": s.reason},
+            )
+            self._insert_audit(s, ended_at=now)
+            return
+        if s.outcome == "rejected":
+            return
+        self._submit_audit(
+            """UPDATE associations SET ended_at = ?, outcome = ?, reject_reason = ?,
+                   received = ?, duplicates = ?, failed = ?, refused = ? WHERE id = ?""",
+            (
+                now, s.outcome, s.reason or None, s.received, s.duplicates, s.failed,
+                s.refused, s.id,
+            ),
+        )  # fmt: skip
         log.info(
             "association closed",
             extra={
-                "association_id": rec.id,
-                "outcome": outcome,
-                "received": rec.received,
-                "duplicates": rec.duplicates,
-                "failed": rec.failed,
-                "refused": rec.refused,
+                "association_id": s.id,
+                "outcome": s.outcome,
+                "reason": s.reason,
+                "received": s.received,
+                "duplicates": s.duplicates,
+                "failed": s.failed,
+                "refused": s.refused,
             },
         )
+
+    def _insert_audit(self, s: Session, *, ended_at: float | None) -> None:
+        self._submit_audit(
+            """INSERT INTO associations (id, calling_ae, called_ae, peer_host, peer_port,
+                   tls, started_at, ended_at, outcome, reject_reason, user_identity,
+                   peer_implementation)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                s.id, s.calling_ae, s.called_ae, s.peer_host, s.peer_port, int(s.tls),
+                s.started_at, ended_at, s.outcome, s.reason or None, s.user_identity,
+                s.peer_implementation,
+            ),
+        )  # fmt: skip
+
+    def _submit_audit(self, sql: str, row: tuple[object, ...]) -> None:
+        try:
+            self._store.writer.submit(lambda conn: conn.execute(sql, row))
+        except Exception:  # the store is closing: the log line above is the record
+            log.exception("association audit row not written", extra={"row": str(row)[:200]})
+
+    def refused(self, limit: str) -> None:
+        self._metrics.limit_refusals.labels(limit).inc()
+
+    def spill_header(self, session: Session, sop_class: str, sop_instance: str, ts: str) -> bytes:
+        return file_header_for(sop_class, sop_instance, ts, session.calling_ae)
+
+    def store(
+        self,
+        session: Session,
+        *,
+        transfer_syntax: str,
+        sop_class: str,
+        sop_instance: str,
+        payload: Payload,
+    ) -> tuple[int, str]:
+        result = self._ingestor.receive(
+            payload,
+            transfer_syntax=transfer_syntax,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            origin=Origin(
+                association_id=session.id,
+                calling_ae=session.calling_ae,
+                peer_host=session.peer_host,
+            ),
+        )
+        if result.outcome is Outcome.DUPLICATE:
+            session.duplicates += 1
+        elif result.outcome is Outcome.QUARANTINED:
+            session.failed += 1
+        elif result.outcome is Outcome.REFUSED:
+            session.refused += 1
+        else:
+            session.received += 1
+        return result.status, result.comment[:ERROR_COMMENT_MAX]

@@ -13,6 +13,8 @@ class Metrics:
     instances: Counter
     associations: Counter
     active_associations: Gauge
+    connections: Counter
+    limit_refusals: Counter
     out_of_resources: Counter
     store_seconds: Histogram
     studies_completed: Counter
@@ -69,6 +71,19 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         active_associations=Gauge(
             "edge_dicom_active_associations", "Associations open now", registry=reg
+        ),
+        connections=Counter(
+            "edge_dicom_connections_total",
+            "TCP connections to the DICOM port by how they ended (released, aborted, "
+            "rejected, dropped: closed before becoming an association)",
+            ["outcome"],
+            registry=reg,
+        ),
+        limit_refusals=Counter(
+            "edge_dicom_limit_refusals_total",
+            "Connections, associations or messages refused by a limit, by limit",
+            ["limit"],
+            registry=reg,
         ),
         out_of_resources=Counter(
             "edge_dicom_out_of_resources_total",

@@ -157,7 +157,8 @@ class Tiers:
         if not rows:
             return report
         plan = [
-            (r, r.archive_sha256 if dst == ARCHIVED else self.relpath(dst, r.sha256)) for r in rows
+            (r, r.archive_sha256 if dst == ARCHIVED else self.relpath(dst, _object_key(r)))
+            for r in rows
         ]
         self._store.writer.call(
             lambda c: c.executemany(
@@ -357,3 +358,11 @@ def _commit_moves(
         if cur.rowcount == 1:
             out.append((r, d))
     return out
+
+
+def _object_key(r: Placement) -> str:
+    """The object name an instance keeps across tiers: its file's stem (the dataset hash, or
+    the hash and a transfer-syntax tag when the same bytes are held under two syntaxes)."""
+    if r.tier == ARCHIVED or not r.path.startswith("objects/"):
+        return r.sha256
+    return r.path.rsplit("/", 1)[-1].split(".", 1)[0]

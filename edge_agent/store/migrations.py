@@ -402,6 +402,15 @@ MIGRATIONS: Sequence[Migration] = (
         CREATE INDEX studies_received ON studies(last_received_at);
         """,
     ),
+    Migration(
+        "0010_association_audit",
+        """
+        -- every TCP connection is audited (outcome 'dropped' when it never became an
+        -- association); who the peer said it was, beyond its AE title
+        ALTER TABLE associations ADD COLUMN user_identity TEXT NOT NULL DEFAULT '';
+        ALTER TABLE associations ADD COLUMN peer_implementation TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 )
 
 

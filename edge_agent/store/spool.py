@@ -61,7 +61,7 @@ class Spool:
         """Bytes available to this process on the tier's filesystem."""
         return shutil.disk_usage(self.root).free
 
-    def put(self, sha256: str, chunks: tuple[bytes, ...]) -> SpoolWrite:
+    def put(self, sha256: str, chunks: tuple[bytes | memoryview, ...]) -> SpoolWrite:
         """Store the concatenation of ``chunks`` under ``sha256`` durably (file fsynced and
         renamed; the caller fsyncs the parent folder before acknowledging).
 
@@ -89,6 +89,31 @@ class Spool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfResources(f"no space left on {self.root}") from exc
+            raise
+        return SpoolWrite(rel, dest, created=True)
+
+    def adopt(self, sha256: str, spill: Path) -> SpoolWrite:
+        """Move ``spill`` (a complete file already written in this tier's ``tmp/``) into
+        place under ``sha256``: fsync, then rename (no copy). If an identical object is
+        already there, ``spill`` is left for the caller to delete.
+
+        Raises :class:`OutOfResources` on ENOSPC/EDQUOT; other ``OSError`` propagate.
+        """
+        rel = self.relpath(sha256)
+        dest = self.root / rel
+        if dest.exists():
+            return SpoolWrite(rel, dest, created=False)
+        try:
+            if self.fsync:
+                fd = os.open(spill, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            spill.replace(dest)
+        except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfResources(f"no space left on {self.root}") from exc
             raise

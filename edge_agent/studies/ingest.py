@@ -22,12 +22,17 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, Protocol
 
 from edge_agent.clock import Clock
+from edge_agent.dicom.negotiation import IMPLEMENTATION_CLASS_UID as IMPLEMENTATION_CLASS_UID
+from edge_agent.dicom.negotiation import (
+    IMPLEMENTATION_VERSION_NAME as IMPLEMENTATION_VERSION_NAME,
+)
 from edge_agent.errors import InvalidInstance, OutOfResources, StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
-from edge_agent.studies.parse import InstanceInfo, inspect_dataset
+from edge_agent.studies.parse import MAX_DEPTH, MAX_INFLATED_BYTES, InstanceInfo, inspect_dataset
 from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance, sop_versions
 
 log = logging.getLogger(__name__)
@@ -35,9 +40,32 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 
-#: Our Implementation Class UID (a UUID-derived 2.25 UID, fixed for this product).
-IMPLEMENTATION_CLASS_UID = "2.25.215834725716123401386325287766123930761"
-IMPLEMENTATION_VERSION_NAME = "EDGE_AGENT_01"
+
+class DatasetSource(Protocol):
+    """A received dataset: ``data[offset:offset + size]`` (``bytes`` or a buffer such as an
+    ``mmap``), its SHA-256 computed as it arrived, and, for a large one, the spill file
+    that already holds :func:`file_header` + the dataset (not yet fsynced)."""
+
+    data: Any
+    offset: int
+    size: int
+    sha256: str
+    spill: Path | None
+
+
+@dataclass
+class InMemory:
+    """A :class:`DatasetSource` over bytes in memory."""
+
+    data: bytes
+    offset: int
+    size: int
+    sha256: str
+    spill: Path | None = None
+
+    @classmethod
+    def of(cls, dataset: bytes) -> InMemory:
+        return cls(dataset, 0, len(dataset), hashlib.sha256(dataset).hexdigest())
 
 
 class Outcome(StrEnum):
@@ -80,6 +108,8 @@ class Ingestor:
         metrics: Metrics,
         min_free_bytes: int,
         tier: str = "hot",
+        max_depth: int = MAX_DEPTH,
+        max_inflated_bytes: int = MAX_INFLATED_BYTES,
     ) -> None:
         self._store = store
         self._spool = spool
@@ -88,10 +118,12 @@ class Ingestor:
         self._metrics = metrics
         self.min_free_bytes = min_free_bytes
         self._tier = tier
+        self._max_depth = max_depth
+        self._max_inflated = max_inflated_bytes
 
     def receive(
         self,
-        dataset: bytes,
+        dataset: bytes | DatasetSource,
         *,
         transfer_syntax: str,
         sop_class_uid: str,
@@ -103,9 +135,10 @@ class Ingestor:
         Never raises: every failure becomes a status and a comment.
         """
         started = time.perf_counter()
+        src = InMemory.of(dataset) if isinstance(dataset, bytes) else dataset
         try:
             result = self._receive(
-                dataset,
+                src,
                 transfer_syntax=transfer_syntax,
                 sop_class_uid=sop_class_uid,
                 sop_instance_uid=sop_instance_uid,
@@ -113,7 +146,7 @@ class Ingestor:
             )
         except OutOfResources as exc:
             result = self._refuse(str(exc), origin)
-        except (StoreError, OSError) as exc:
+        except Exception as exc:  # never acknowledged; the sender gets a clear status
             log.exception(
                 "instance not stored: internal error",
                 extra={"sop_instance_uid": sop_instance_uid, "calling_ae": origin.calling_ae},
@@ -129,7 +162,7 @@ class Ingestor:
 
     def _receive(
         self,
-        dataset: bytes,
+        src: DatasetSource,
         *,
         transfer_syntax: str,
         sop_class_uid: str,
@@ -144,46 +177,68 @@ class Ingestor:
             )
         try:
             info = inspect_dataset(
-                dataset,
+                src.data,
                 transfer_syntax,
                 expected_sop_class=sop_class_uid,
                 expected_sop_instance=sop_instance_uid,
+                offset=src.offset,
+                size=src.size,
+                max_depth=self._max_depth,
+                max_inflated_bytes=self._max_inflated,
             )
         except InvalidInstance as exc:
             return self._quarantine_instance(
-                dataset,
+                memoryview(src.data)[src.offset : src.offset + src.size],
                 exc,
                 transfer_syntax=transfer_syntax,
                 sop_class_uid=sop_class_uid,
                 sop_instance_uid=sop_instance_uid,
                 origin=origin,
             )
-        sha = hashlib.sha256(dataset).hexdigest()
+        sha = src.sha256
         with self._store.read() as conn:
             versions = sop_versions(conn, info.sop_instance_uid)
-        for version, known in versions:
-            if known == sha:
+        key = sha
+        for version, known, known_ts in versions:
+            if known == sha and known_ts == info.transfer_syntax:
                 return self._duplicate(info, version, origin)
+            if known == sha:
+                # the same bytes under another transfer syntax are another object: its file
+                # header differs, so it must not share the first one's file
+                key = object_key(sha, info.transfer_syntax)
         header = file_header(info, origin.calling_ae)
-        written = self._spool.put(sha, (header, dataset))
+        dataset = memoryview(src.data)[src.offset : src.offset + src.size]
+        if (
+            src.spill is not None
+            and key == sha
+            and bytes(memoryview(src.data)[: src.offset]) == header
+        ):
+            written = self._spool.adopt(key, src.spill)
+        else:
+            written = self._spool.put(key, (header, dataset))
         obj = StoredObject(
             sha256=sha,
-            size_bytes=len(header) + len(dataset),
+            size_bytes=len(header) + src.size,
             tier=self._tier,
             path=written.relpath,
         )
         now = self._clock.now()
-        recorded = self._store.writer.call(
-            lambda conn: record_instance(
-                conn,
-                info,
-                obj,
-                now=now,
-                association_id=origin.association_id,
-                calling_ae=origin.calling_ae,
-            ),
-            sync_dirs=(written.abspath.parent,) if written.created else (),
-        )
+        try:
+            recorded = self._store.writer.call(
+                lambda conn: record_instance(
+                    conn,
+                    info,
+                    obj,
+                    now=now,
+                    association_id=origin.association_id,
+                    calling_ae=origin.calling_ae,
+                ),
+                sync_dirs=(written.abspath.parent,) if written.created else (),
+            )
+        except BaseException:
+            if written.created:  # never acknowledged: leave no file without a row
+                self._drop_unreferenced(written.relpath, written.abspath)
+            raise
         if recorded.outcome is RecordOutcome.DUPLICATE:  # raced with an identical copy
             return self._duplicate(info, recorded.version, origin)
         if recorded.late:
@@ -206,6 +261,18 @@ class Ingestor:
             return IngestResult(STATUS_SUCCESS, "", Outcome.NEW_VERSION, recorded.instance_id)
         self._metrics.instances.labels(Outcome.STORED.value).inc()
         return IngestResult(STATUS_SUCCESS, "", Outcome.STORED, recorded.instance_id)
+
+    def _drop_unreferenced(self, relpath: str, path: Path) -> None:
+        try:
+            with self._store.read() as conn:
+                used = conn.execute(
+                    "SELECT 1 FROM instances WHERE tier = ? AND path = ? LIMIT 1",
+                    (self._tier, relpath),
+                ).fetchone()
+            if used is None:
+                path.unlink(missing_ok=True)
+        except Exception:  # recovery quarantines it at the next start instead
+            log.exception("could not remove an uncommitted spool file", extra={"path": relpath})
 
     def _duplicate(self, info: InstanceInfo, version: int, origin: Origin) -> IngestResult:
         log.info(
@@ -230,7 +297,7 @@ class Ingestor:
 
     def _quarantine_instance(
         self,
-        dataset: bytes,
+        dataset: bytes | memoryview,
         exc: InvalidInstance,
         *,
         transfer_syntax: str,
@@ -299,12 +366,23 @@ def file_header(info: InstanceInfo, source_ae: str) -> bytes:
     Encoded by hand: pydicom's writer costs ~0.7 ms per instance on the C-STORE path; the test
     suite pins this output to pydicom's ``write_file_meta_info`` byte for byte.
     """
+    return file_header_for(
+        info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax, source_ae
+    )
+
+
+def file_header_for(
+    sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """:func:`file_header` from the C-STORE request's UIDs (known before the dataset arrives,
+    so a large dataset can be received straight behind its header; the ingest checks that
+    the dataset agrees before it keeps the file as it is)."""
     body = b"".join(
         (
             b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",  # (0002,0001) version
-            _element(0x0002, b"UI", info.sop_class_uid, b"\x00"),
-            _element(0x0003, b"UI", info.sop_instance_uid, b"\x00"),
-            _element(0x0010, b"UI", info.transfer_syntax, b"\x00"),
+            _element(0x0002, b"UI", sop_class, b"\x00"),
+            _element(0x0003, b"UI", sop_instance, b"\x00"),
+            _element(0x0010, b"UI", transfer_syntax, b"\x00"),
             _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID, b"\x00"),
             _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME, b" "),
             _element(0x0016, b"AE", source_ae.strip(), b" ") if source_ae.strip() else b"",
@@ -315,16 +393,24 @@ def file_header(info: InstanceInfo, source_ae: str) -> bytes:
 
 
 def _element(elem: int, vr: bytes, value: str, pad: bytes) -> bytes:
-    raw = value.encode("ascii")
+    raw = value.encode("ascii", "replace")
     if len(raw) % 2:
         raw += pad
     return b"\x02\x00" + elem.to_bytes(2, "little") + vr + len(raw).to_bytes(2, "little") + raw
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def object_key(sha256: str, transfer_syntax: str) -> str:
+    """The spool name of a dataset whose bytes are already held under another syntax."""
+    tag = hashlib.sha256(transfer_syntax.encode()).hexdigest()[:8]
+    return f"{sha256}-{tag}"
+
+
+def _write_durably(path: Path, data: bytes | memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

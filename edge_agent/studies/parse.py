@@ -13,12 +13,15 @@ Raises :class:`InvalidInstance` with a 0xC0xx status and a reason a person can a
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 from pydicom.valuerep import PersonName
 
@@ -32,7 +35,7 @@ STATUS_UID_MISMATCH = 0xC003
 STATUS_SOP_CLASS_MISMATCH = 0xA900  # "Data Set does not match SOP Class"
 
 MAX_DEPTH = 32
-MAX_INFLATED_BYTES = 4 * 1024**3  # a deflated dataset may not inflate past 4 GiB
+MAX_INFLATED_BYTES = 64 * 1024**2  # default: a deflated dataset may not inflate past 64 MiB
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LONG_VRS = frozenset(
@@ -108,23 +111,36 @@ class _Truncated(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=4096)
+def _dictionary_sq(tag: int) -> bool:
+    """True if the data dictionary says ``tag`` is a sequence (pydicom reads a defined-length
+    implicit VR element, or an explicit UN, of such a tag as one, so we must walk it)."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
 class _Walker:
     """Walks an encoded dataset; see the module docstring."""
 
-    def __init__(self, buf: bytes, *, little: bool, implicit: bool) -> None:
+    def __init__(
+        self, buf: Any, *, little: bool, implicit: bool, max_depth: int = MAX_DEPTH
+    ) -> None:
         self.buf = buf
         self.found: dict[int, bytes] = {}
         self._little = little
         self._implicit = implicit
+        self._max_depth = max_depth
         e = "<" if little else ">"
         self._hh = struct.Struct(e + "HH")
         self._h = struct.Struct(e + "H")
         self._i = struct.Struct(e + "I")
 
-    def dataset(self) -> None:
-        end = self._elements(0, len(self.buf), depth=0, in_item=False)
-        if end != len(self.buf):  # pragma: no cover - _elements consumes to `end` or raises
-            raise _Truncated(f"{len(self.buf) - end} trailing bytes")
+    def dataset(self, start: int, end: int) -> None:
+        pos = self._elements(start, end, depth=0, in_item=False)
+        if pos != end:  # pragma: no cover - _elements consumes to `end` or raises
+            raise _Truncated(f"{end - pos} trailing bytes")
 
     def _elements(self, pos: int, end: int, *, depth: int, in_item: bool) -> int:
         buf = self.buf
@@ -143,7 +159,7 @@ class _Walker:
                 length = self._i.unpack_from(buf, pos + 4)[0]
                 pos += 8
             else:
-                vr = buf[pos + 4 : pos + 6]
+                vr = bytes(buf[pos + 4 : pos + 6])
                 if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                     raise _Truncated(
                         f"invalid VR {vr!r} for ({group:04X},{elem:04X}) at byte {pos}"
@@ -157,40 +173,52 @@ class _Walker:
                     length = self._h.unpack_from(buf, pos + 6)[0]
                     pos += 8
             if length == 0xFFFFFFFF:
-                if depth >= MAX_DEPTH:
-                    raise _Truncated(f"sequences nested deeper than {MAX_DEPTH}")
+                if depth >= self._max_depth:
+                    raise _Truncated(f"sequences nested deeper than {self._max_depth}")
                 if tag == _PIXEL_DATA and depth == 0:
                     pos = self._fragments(pos, end)
                 elif implicit or vr == b"SQ":
                     pos = self._sequence(pos, end, depth=depth + 1)
                 elif vr == b"UN":
                     # PS3.5 6.2.2: undefined-length UN holds implicit VR little endian data.
-                    sub = _Walker(buf, little=True, implicit=True)
+                    sub = _Walker(buf, little=True, implicit=True, max_depth=self._max_depth)
                     pos = sub._sequence(pos, end, depth=depth + 1)
                 else:
                     raise _Truncated(f"undefined length on ({group:04X},{elem:04X}) VR {vr!r}")
-            else:
-                if length > end - pos:
-                    raise _Truncated(
-                        f"({group:04X},{elem:04X}) declares {length} bytes but only "
-                        f"{end - pos} remain"
-                    )
-                if depth == 0 and tag in _WANTED:
-                    self.found[tag] = buf[pos : pos + length]
-                pos += length
+                continue
+            if length > end - pos:
+                raise _Truncated(
+                    f"({group:04X},{elem:04X}) declares {length} bytes but only {end - pos} remain"
+                )
+            if vr == b"SQ" or (
+                (implicit or vr == b"UN") and group & 1 == 0 and _dictionary_sq(tag)
+            ):
+                # a defined-length sequence: its items are read back too, so walk them
+                if depth >= self._max_depth:
+                    raise _Truncated(f"sequences nested deeper than {self._max_depth}")
+                walker = self
+                if vr == b"UN" and not implicit:
+                    walker = _Walker(buf, little=True, implicit=True, max_depth=self._max_depth)
+                walker._sequence(pos, pos + length, depth=depth + 1, defined=True)
+            elif depth == 0 and tag in _WANTED:
+                self.found[tag] = bytes(buf[pos : pos + length])
+            pos += length
         if in_item:
             raise _Truncated("item without its delimiter (data ends inside a sequence)")
         return pos
 
-    def _sequence(self, pos: int, end: int, *, depth: int) -> int:
+    def _sequence(self, pos: int, end: int, *, depth: int, defined: bool = False) -> int:
+        """Items up to the sequence delimiter, or (``defined``) exactly up to ``end``."""
         while True:
+            if defined and pos == end:
+                return pos
             if end - pos < 8:
                 raise _Truncated("sequence without its delimiter (data ends inside a sequence)")
             group, elem = self._hh.unpack_from(self.buf, pos)
             tag = (group << 16) | elem
             length = self._i.unpack_from(self.buf, pos + 4)[0]
             pos += 8
-            if tag == _SEQ_DELIM:
+            if tag == _SEQ_DELIM and not defined:
                 return pos
             if tag != _ITEM:
                 raise _Truncated(f"expected an item, found ({group:04X},{elem:04X}) at {pos - 8}")
@@ -199,6 +227,7 @@ class _Walker:
             elif length > end - pos:
                 raise _Truncated(f"item declares {length} bytes but only {end - pos} remain")
             else:
+                self._elements(pos, pos + length, depth=depth, in_item=False)
                 pos += length
 
     def _fragments(self, pos: int, end: int) -> int:
@@ -220,10 +249,10 @@ class _Walker:
             pos += length
 
 
-def _inflate(data: bytes) -> bytes:
+def _inflate(data: Any, limit: int) -> bytes:
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        out = d.decompress(data, MAX_INFLATED_BYTES)
+        out = d.decompress(data, limit)
     except zlib.error as exc:
         raise InvalidInstance(
             STATUS_CANNOT_PARSE, f"deflated dataset cannot be inflated: {exc}"
@@ -236,17 +265,24 @@ def _inflate(data: bytes) -> bytes:
 
 
 def inspect_dataset(
-    data: bytes,
+    data: Any,
     transfer_syntax: str,
     *,
     expected_sop_class: str | None = None,
     expected_sop_instance: str | None = None,
+    offset: int = 0,
+    size: int | None = None,
+    max_depth: int = MAX_DEPTH,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
 ) -> InstanceInfo:
-    """Check ``data`` (a dataset encoded in ``transfer_syntax``, without file meta) and return
-    its indexed attributes.
+    """Check ``data[offset:offset + size]`` (a dataset encoded in ``transfer_syntax``, without
+    file meta; ``data`` is ``bytes`` or any buffer, e.g. an ``mmap`` of a spill file) and
+    return its indexed attributes.
 
     ``expected_sop_*``: the Affected SOP Class/Instance UID of the C-STORE request; the dataset
-    must agree. Raises :class:`InvalidInstance` (status + reason) on any problem.
+    must agree. ``max_depth``: deepest sequence nesting accepted; ``max_inflated_bytes``: the
+    most a deflated dataset may inflate to. Raises :class:`InvalidInstance` (status + reason)
+    on any problem.
     """
     ts = UID(transfer_syntax)
     try:
@@ -255,12 +291,17 @@ def inspect_dataset(
         little = ts.is_little_endian
     except ValueError:  # private/unknown syntaxes are encapsulated explicit VR little endian
         deflated, implicit, little = False, False, True
-    buf = _inflate(data) if deflated else data
-    if not buf:
+    end = len(data) if size is None else offset + size
+    if deflated:
+        buf = _inflate(memoryview(data)[offset:end], max_inflated_bytes)
+        start, end = 0, len(buf)
+    else:
+        buf, start = data, offset
+    if end <= start:
         raise InvalidInstance(STATUS_CANNOT_PARSE, "empty dataset")
-    walker = _Walker(buf, little=little, implicit=implicit)
+    walker = _Walker(buf, little=little, implicit=implicit, max_depth=max_depth)
     try:
-        walker.dataset()
+        walker.dataset(start, end)
     except _Truncated as exc:
         raise InvalidInstance(
             STATUS_CANNOT_PARSE, f"malformed or truncated dataset: {exc}"
@@ -312,11 +353,12 @@ def inspect_dataset(
         patient_name = str(PersonName(raw_name.rstrip(b" \x00"), encodings)).strip()
     expected: int | None = None
     count = text(_STUDY_INSTANCES)
-    if count:
+    if count and len(count) <= 12:  # IS: at most 12 characters; anything else is ignored
         try:
-            expected = int(count) if int(count) > 0 else None
+            n = int(count)
         except ValueError:
-            expected = None
+            n = 0
+        expected = n if 0 < n < 2**31 else None
     return InstanceInfo(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,

@@ -33,13 +33,14 @@ class StoredObject:
     path: str
 
 
-def sop_versions(conn: sqlite3.Connection, sop_instance_uid: str) -> list[tuple[int, str]]:
-    """``[(version, sha256), ...]`` already held for a SOP Instance UID."""
+def sop_versions(conn: sqlite3.Connection, sop_instance_uid: str) -> list[tuple[int, str, str]]:
+    """``[(version, sha256, transfer syntax), ...]`` already held for a SOP Instance UID."""
     rows = conn.execute(
-        "SELECT version, sha256 FROM instances WHERE sop_instance_uid = ? ORDER BY version",
+        "SELECT version, sha256, transfer_syntax FROM instances WHERE sop_instance_uid = ?"
+        " ORDER BY version",
         (sop_instance_uid,),
     ).fetchall()
-    return [(int(r[0]), str(r[1])) for r in rows]
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
 
 def record_instance(
@@ -56,8 +57,8 @@ def record_instance(
     add a new version. An instance for a study past RECEIVING re-opens it (late arrival).
     """
     versions = sop_versions(conn, info.sop_instance_uid)
-    for version, sha in versions:
-        if sha == obj.sha256:
+    for version, sha, ts in versions:
+        if sha == obj.sha256 and ts == info.transfer_syntax:
             return Recorded(RecordOutcome.DUPLICATE, None, version, late=False)
     version = (versions[-1][0] + 1) if versions else 1
     new_sop = not versions

@@ -177,3 +177,51 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert r.returncode == 1
     assert "Not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_second_agent_on_the_same_data_folder_touches_nothing(tmp_path: Path) -> None:
+    """A second ``edge-agent run`` on a live agent's folder (same port or another) exits with
+    the first one's pid before any recovery: an in-flight partial and an uncommitted object
+    stay where they are, and the first agent keeps serving."""
+    from edge_agent.cli import main as cli
+    from tests.conftest import start_agent, wait_ready
+
+    port = free_port()
+    root = tmp_path / "agent"
+    args = ["init", str(root), "--port", str(port), "--ae-title", "EDGE_RUN"]
+    args += ["--bind-address", "127.0.0.1", "--min-free-mb", "0", "--allow", "ECHOSCU"]
+    assert cli(args) == 0
+    log = root / "agent.log"
+    first = start_agent(root / "edge-agent.toml", log)
+    try:
+        wait_ready(port, "EDGE_RUN", first, log)
+        hot = root / "data" / "hot"
+        partial = hot / "tmp" / "in-flight.partial"
+        partial.write_bytes(b"being received")
+        orphan = hot / "objects" / "ab" / ("ab" + "0" * 62 + ".dcm")
+        orphan.write_bytes(b"renamed, not yet committed")
+        for extra in ({}, {"EDGE_DICOM_PORT": str(free_port())}):
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "edge_agent",
+                    "run",
+                    "--config",
+                    str(root / "edge-agent.toml"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+                env={**os.environ, **extra},
+            )
+            assert r.returncode == 1, r.stderr
+            assert f"another edge-agent (pid {first.pid}) is using" in r.stderr
+            assert "Traceback" not in r.stderr
+            assert partial.read_bytes() == b"being received"
+            assert orphan.read_bytes() == b"renamed, not yet committed"
+        assert _echo(port) == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
