@@ -81,6 +81,7 @@ class Run:
     run_dir: str
     log: str
     interval_ms: dict[str, float] | None = None
+    cpu_ms_per_instance: float | None = None  # receiver process CPU (all threads) / instances
     log_levels: dict[str, int] = field(default_factory=dict)
     log_problems: list[str] = field(default_factory=list)
 
@@ -98,6 +99,53 @@ class Run:
 
 def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of process ``pid`` (all its threads) so far, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def durability_cost(folder: Path, rounds: int = 200) -> dict[str, float]:
+    """This disk's price of keeping one instance, measured now, in ms per instance: a file
+    per instance (write, fsync, rename, folder fsync) and an append to an open journal file
+    (write, fdatasync), for 10 kB and 512 kB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, float] = {}
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for label, size in (("10kB", 10_240), ("512kB", 524_288)):
+            data = os.urandom(size)
+            t0 = time.perf_counter()
+            for i in range(rounds):
+                tmp = folder / f"{i}.partial"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                os.write(fd, data)
+                os.fsync(fd)
+                os.close(fd)
+                os.replace(tmp, folder / f"{i}.dcm")
+                os.fsync(dir_fd)
+            out[f"file_{label}_ms"] = (time.perf_counter() - t0) / rounds * 1000
+            journal = folder / f"journal-{label}"
+            fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                os.posix_fallocate(fd, 0, size * rounds)
+                os.fsync(fd)
+                t0 = time.perf_counter()
+                for i in range(rounds):
+                    os.pwrite(fd, data, i * size)
+                    os.fdatasync(fd)
+                out[f"journal_{label}_ms"] = (time.perf_counter() - t0) / rounds * 1000
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def free_port() -> int:
@@ -316,7 +364,9 @@ def run_agent(
         cmd = [sys.executable, __file__, SHIM_FLAG, str(profile_out), "--config", str(cfg)]
     with started(cmd, log_path) as proc:
         wait_for_echo(port, proc, log_path)
+        cpu0 = cpu_seconds(proc.pid)
         seconds = send(ds.files, port, associations, run_dir, timeout)
+        cpu1 = cpu_seconds(proc.pid)
         rc = stop_group(proc)
     if rc != 0:
         raise BenchError(f"the agent exited with {rc} after SIGTERM; see {log_path}")
@@ -337,6 +387,7 @@ def run_agent(
         str(run_dir),
         str(log_path),
         intervals_ms(times),
+        (cpu1 - cpu0) * 1000 / len(ds.files) if cpu0 is not None and cpu1 is not None else None,
         levels,
         problems,
     )
@@ -361,7 +412,9 @@ def run_storescp(
     cmd.append(str(port))
     with started(cmd, log_path, env=dcmtk_env()) as proc:
         wait_for_echo(port, proc, log_path)
+        cpu0 = cpu_seconds(proc.pid) if associations == 1 else None  # --fork: in children
         seconds = send(ds.files, port, associations, run_dir, timeout)
+        cpu1 = cpu_seconds(proc.pid) if associations == 1 else None
         deadline = time.monotonic() + SETTLE_TIMEOUT_S  # not timed: forked children finishing
         while (n := count_files(out_dir)) < len(ds.files) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -379,6 +432,8 @@ def run_storescp(
         ds.total_bytes,
         str(run_dir),
         str(log_path),
+        None,
+        (cpu1 - cpu0) * 1000 / len(ds.files) if cpu0 is not None and cpu1 is not None else None,
     )
 
 
@@ -567,6 +622,11 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "inst_per_s": statistics.median(r.inst_per_s for r in group),
                 "mb_per_s": statistics.median(r.mb_per_s for r in group),
                 "interval_ms_last_run": group[-1].interval_ms,
+                "cpu_ms_per_instance": (
+                    statistics.median(cpus)
+                    if (cpus := [r.cpu_ms_per_instance for r in group if r.cpu_ms_per_instance])
+                    else None
+                ),
             }
         )
     for row in rows:
@@ -591,17 +651,19 @@ def print_table(rows: list[dict[str, Any]], datasets: dict[str, DataSet]) -> Non
         print(f"  {ds.name}: {ds.description}, {ds.total_bytes / 1e6:.1f} MB in files")
     header = (
         f"{'data set':<8} {'assoc':>5} {'receiver':<9} {'runs':>4} {'seconds':>8} "
-        f"{'inst/s':>9} {'MB/s':>8} {'agent/storescp':>15}"
+        f"{'inst/s':>9} {'MB/s':>8} {'agent/storescp':>15} {'CPU ms/inst':>12}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         ratio = r.get("agent_over_storescp")
         ratio_s = f"{ratio:.3f}" if ratio is not None else ""
+        cpu = r.get("cpu_ms_per_instance")
+        cpu_s = f"{cpu:.3f}" if cpu is not None else "n/a"
         print(
             f"{r['dataset']:<8} {r['associations']:>5} {r['receiver']:<9} {r['runs']:>4} "
             f"{r['median_seconds']:>8.3f} {r['inst_per_s']:>9.1f} {r['mb_per_s']:>8.2f} "
-            f"{ratio_s:>15}"
+            f"{ratio_s:>15} {cpu_s:>12}"
         )
     print(
         "\nagent received_at spacing (ms between consecutive stored instances, all associations;"
@@ -692,9 +754,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {k}: {v}")
     print(f"  run folder: {work}", flush=True)
 
+    cost = durability_cost(work / "durability-probe")
+    print("== this disk's durability cost (ms per instance, measured now) ==")
+    print(
+        f"  file per instance (write+fsync+rename+folder fsync): 10 kB "
+        f"{cost['file_10kB_ms']:.3f}, 512 kB {cost['file_512kB_ms']:.3f}"
+    )
+    print(
+        f"  append to an open journal (pwrite+fdatasync): 10 kB {cost['journal_10kB_ms']:.3f}, "
+        f"512 kB {cost['journal_512kB_ms']:.3f}",
+        flush=True,
+    )
     notes = [
         "agent: durability on (fsync of every file, SQLite synchronous=FULL) before each C-STORE "
-        "response; storescp (+B, bit-preserving) writes files WITHOUT fsync",
+        "response; storescp (+B, bit-preserving) writes files WITHOUT fsync; an untimed "
+        "`sync` follows every run so no run pays for the previous one's dirty pages",
+        "nofsync: the agent with storage.fsync = false, which also commits SQLite with "
+        "synchronous=OFF: no flush at all",
+        "CPU ms/inst: the receiver process (all threads) over the timed send; n/a for "
+        "storescp --fork (the work is in its children)",
         "storescp: single process for 1 association, --fork for 4 associations; "
         f"max receive PDU {args.storescp_pdu or 'default (16384)'}",
         "senders: DCMTK storescu, TCP_NODELAY=1 for storescu and storescp; "
@@ -735,6 +813,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs.append(run)
                         if not args.keep:
                             discard_received(run_dir)
+                        # storescp (and the agent with fsync off) leave dirty pages: write
+                        # them back now, untimed, not during the next timed run
+                        os.sync()
         rows = summarize(runs)
         print_table(rows, datasets)
         print("\nnotes:")
@@ -768,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         result = {
             "machine": machine,
+            "durability_cost_ms": cost,
             "settings": {
                 "small": args.small,
                 "large": args.large,

@@ -38,10 +38,12 @@ BUSY_TIMEOUT_MS = 30_000
 MAX_DIR_FDS = 512
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: Path, *, readonly: bool = False, durable: bool = True) -> sqlite3.Connection:
     """Open ``path`` with the pragmas every connection of the agent uses.
 
     Autocommit mode (``isolation_level=None``): transactions are explicit ``BEGIN``/``COMMIT``.
+    ``durable=False`` (only with ``storage.fsync = false``, for measuring what durability
+    costs) commits with ``synchronous=OFF``: no flush at all.
     """
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -54,7 +56,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             if str(mode).lower() != "wal":
                 raise StoreError(f"cannot put {path} in WAL mode (got {mode})")
             # FULL: a commit is on disk when COMMIT returns; we acknowledge C-STOREs on it.
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     conn.row_factory = sqlite3.Row
@@ -87,7 +89,7 @@ class Writer:
         self._max_batch = max_batch
         self._fsync_dirs = fsync_dirs
         self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._conn = connect(path)
+        self._conn = connect(path, durable=fsync_dirs)
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
         self.stats = WriterStats()

@@ -111,6 +111,30 @@ class _Truncated(Exception):
     pass
 
 
+#: Every VR of PS3.5 6.2 (an explicit VR outside it cannot be read back)
+_KNOWN_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
+    b"UN UR US UT UV".split()
+)
+#: value length must be a multiple of this (pydicom refuses to convert the value otherwise)
+_VR_UNIT = {
+    b"US": 2, b"SS": 2, b"OW": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"AT": 4, b"OF": 4,
+    b"OL": 4, b"FD": 8, b"SV": 8, b"UV": 8, b"OD": 8, b"OV": 8,
+}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)
+def _dictionary_unit(tag: int) -> int:
+    """The value size unit of ``tag``'s dictionary VR (implicit VR data), 0 if variable or
+    unknown; for an ambiguous VR ("US or SS") the unit they share."""
+    try:
+        vrs = {v.strip().encode() for v in dictionary_VR(tag).split(" or ")}
+    except KeyError:
+        return 0
+    units = {_VR_UNIT.get(v, 0) for v in vrs}
+    return units.pop() if len(units) == 1 else 0
+
+
 @functools.lru_cache(maxsize=4096)
 def _dictionary_sq(tag: int) -> bool:
     """True if the data dictionary says ``tag`` is a sequence (pydicom reads a defined-length
@@ -160,7 +184,7 @@ class _Walker:
                 pos += 8
             else:
                 vr = bytes(buf[pos + 4 : pos + 6])
-                if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                if vr not in _KNOWN_VRS:
                     raise _Truncated(
                         f"invalid VR {vr!r} for ({group:04X},{elem:04X}) at byte {pos}"
                     )
@@ -200,8 +224,17 @@ class _Walker:
                 if vr == b"UN" and not implicit:
                     walker = _Walker(buf, little=True, implicit=True, max_depth=self._max_depth)
                 walker._sequence(pos, pos + length, depth=depth + 1, defined=True)
-            elif depth == 0 and tag in _WANTED:
-                self.found[tag] = bytes(buf[pos : pos + length])
+            else:
+                unit = (
+                    _VR_UNIT.get(vr, 0) if vr else (_dictionary_unit(tag) if group & 1 == 0 else 0)
+                )
+                if unit and length % unit:
+                    raise _Truncated(
+                        f"({group:04X},{elem:04X}) has {length} bytes, not a multiple of its "
+                        f"value size {unit}"
+                    )
+                if depth == 0 and tag in _WANTED:
+                    self.found[tag] = bytes(buf[pos : pos + length])
             pos += length
         if in_item:
             raise _Truncated("item without its delimiter (data ends inside a sequence)")

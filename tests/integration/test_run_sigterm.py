@@ -28,6 +28,17 @@ def _echo(port: int) -> int:
     ).returncode
 
 
+def _stored(db: Path) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
 def test_sigterm_drains_in_flight_association(tmp_path: Path) -> None:
     from edge_agent.cli import main as cli
     from edge_agent.samples import make_study
@@ -51,7 +62,7 @@ def test_sigterm_drains_in_flight_association(tmp_path: Path) -> None:
         )
         == 0
     )
-    study = make_study(tmp_path / "mr", modality="MR", size=64, slices=400, seed="term")
+    study = make_study(tmp_path / "mr", modality="MR", size=64, slices=2000, seed="term")
     log = root / "agent.log"
     with log.open("wb") as fh:
         agent = subprocess.Popen(
@@ -80,9 +91,13 @@ def test_sigterm_drains_in_flight_association(tmp_path: Path) -> None:
             text=True,
             env=dict(os.environ, TCP_NODELAY="1"),
         )
-        time.sleep(0.5)
+        db_path = root / "data" / "edge.db"
+        deadline = time.monotonic() + 30
+        while _stored(db_path) < 50:  # the association is in flight
+            assert time.monotonic() < deadline, "nothing stored"
+            time.sleep(0.02)
         agent.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.1)
         assert sender.poll() is None, "the sender should still be streaming"
         assert _echo(port) != 0, "a new association must be refused while draining"
         _, err = sender.communicate(timeout=120)
@@ -93,7 +108,7 @@ def test_sigterm_drains_in_flight_association(tmp_path: Path) -> None:
             agent.kill()
     db = sqlite3.connect(root / "data" / "edge.db")
     try:
-        assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 400
+        assert db.execute("SELECT count(*) FROM instances").fetchone()[0] == 2000
         assert (
             db.execute("SELECT outcome FROM associations WHERE calling_ae = 'STORESCU'").fetchone()[
                 0
