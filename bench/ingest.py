@@ -48,7 +48,6 @@ CALLING_AE = "STORESCU"
 ECHO_AE = "ECHOSCU"
 RECEIVERS = ("agent", "storescp")
 NOFSYNC = "nofsync"  # the agent with storage.fsync = false: shows what durability costs
-CONCURRENCY = (1, 4)
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0  # the agent gives in-flight associations up to 30 s on SIGTERM
 SETTLE_TIMEOUT_S = 10.0
@@ -82,6 +81,7 @@ class Run:
     log: str
     interval_ms: dict[str, float] | None = None
     cpu_ms_per_instance: float | None = None  # receiver process CPU (all threads) / instances
+    peak_rss_mb: float | None = None  # the receiver's peak resident memory (VmHWM)
     log_levels: dict[str, int] = field(default_factory=dict)
     log_problems: list[str] = field(default_factory=list)
 
@@ -108,6 +108,45 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM (peak resident set) of ``pid`` in MiB, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def make_multiframe(path: Path, megabytes: int) -> Path:
+    """One multiframe MR instance of about ``megabytes`` MB of pixel data (512x512x16 bit)."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    frame = 512 * 512 * 2
+    frames = max(1, megabytes * 10**6 // frame)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "MR", "Bench^Multiframe", "BENCH-MF"
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    rng = np.random.default_rng(7)
+    ds.PixelData = rng.integers(0, 4096, size=frames * 512 * 512, dtype=np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def durability_cost(folder: Path, rounds: int = 200) -> dict[str, float]:
@@ -367,6 +406,7 @@ def run_agent(
         cpu0 = cpu_seconds(proc.pid)
         seconds = send(ds.files, port, associations, run_dir, timeout)
         cpu1 = cpu_seconds(proc.pid)
+        rss = peak_rss_mb(proc.pid)
         rc = stop_group(proc)
     if rc != 0:
         raise BenchError(f"the agent exited with {rc} after SIGTERM; see {log_path}")
@@ -388,6 +428,7 @@ def run_agent(
         str(log_path),
         intervals_ms(times),
         (cpu1 - cpu0) * 1000 / len(ds.files) if cpu0 is not None and cpu1 is not None else None,
+        rss,
         levels,
         problems,
     )
@@ -415,6 +456,7 @@ def run_storescp(
         cpu0 = cpu_seconds(proc.pid) if associations == 1 else None  # --fork: in children
         seconds = send(ds.files, port, associations, run_dir, timeout)
         cpu1 = cpu_seconds(proc.pid) if associations == 1 else None
+        rss = peak_rss_mb(proc.pid)
         deadline = time.monotonic() + SETTLE_TIMEOUT_S  # not timed: forked children finishing
         while (n := count_files(out_dir)) < len(ds.files) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -434,6 +476,7 @@ def run_storescp(
         str(log_path),
         None,
         (cpu1 - cpu0) * 1000 / len(ds.files) if cpu0 is not None and cpu1 is not None else None,
+        rss,
     )
 
 
@@ -622,6 +665,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "inst_per_s": statistics.median(r.inst_per_s for r in group),
                 "mb_per_s": statistics.median(r.mb_per_s for r in group),
                 "interval_ms_last_run": group[-1].interval_ms,
+                "peak_rss_mb": max((r.peak_rss_mb or 0) for r in group) or None,
                 "cpu_ms_per_instance": (
                     statistics.median(cpus)
                     if (cpus := [r.cpu_ms_per_instance for r in group if r.cpu_ms_per_instance])
@@ -651,7 +695,8 @@ def print_table(rows: list[dict[str, Any]], datasets: dict[str, DataSet]) -> Non
         print(f"  {ds.name}: {ds.description}, {ds.total_bytes / 1e6:.1f} MB in files")
     header = (
         f"{'data set':<8} {'assoc':>5} {'receiver':<9} {'runs':>4} {'seconds':>8} "
-        f"{'inst/s':>9} {'MB/s':>8} {'agent/storescp':>15} {'CPU ms/inst':>12}"
+        f"{'inst/s':>9} {'MB/s':>8} {'agent/storescp':>15} {'CPU ms/inst':>12} "
+        f"{'peak RSS MiB':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -663,7 +708,7 @@ def print_table(rows: list[dict[str, Any]], datasets: dict[str, DataSet]) -> Non
         print(
             f"{r['dataset']:<8} {r['associations']:>5} {r['receiver']:<9} {r['runs']:>4} "
             f"{r['median_seconds']:>8.3f} {r['inst_per_s']:>9.1f} {r['mb_per_s']:>8.2f} "
-            f"{ratio_s:>15} {cpu_s:>12}"
+            f"{ratio_s:>15} {cpu_s:>12} {r.get('peak_rss_mb') or 0:>13.0f}"
         )
     print(
         "\nagent received_at spacing (ms between consecutive stored instances, all associations;"
@@ -683,7 +728,7 @@ def print_table(rows: list[dict[str, Any]], datasets: dict[str, DataSet]) -> Non
 # -- main -----------------------------------------------------------------------------------
 
 
-def make_datasets(root: Path, small: int, large: int) -> dict[str, DataSet]:
+def make_datasets(root: Path, small: int, large: int, multiframe_mb: int = 0) -> dict[str, DataSet]:
     from edge_agent.samples import make_study
 
     specs = [
@@ -702,6 +747,13 @@ def make_datasets(root: Path, small: int, large: int) -> dict[str, DataSet]:
         desc = f"{len(study.files)} {modality} instances {size}x{size}"
         print(f"  generated {name}: {desc} in {time.perf_counter() - t0:.1f} s", flush=True)
         out[name] = DataSet(name, desc, study.files, total)
+    if multiframe_mb > 0:
+        t0 = time.perf_counter()
+        mf = make_multiframe(root / "multiframe" / "MF_0001.dcm", multiframe_mb)
+        size = mf.stat().st_size
+        desc = f"1 multiframe MR instance of {size / 1e6:.0f} MB"
+        print(f"  generated multiframe: {desc} in {time.perf_counter() - t0:.1f} s", flush=True)
+        out["multiframe"] = DataSet("multiframe", desc, (mf,), size)
     return out
 
 
@@ -710,6 +762,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--small", type=int, default=2000, help="MR 64x64 instances (default 2000)")
     p.add_argument("--large", type=int, default=300, help="CT 512x512 instances (default 300)")
     p.add_argument("--repeat", type=int, default=1, help="runs per combination; median is shown")
+    p.add_argument(
+        "--concurrency",
+        default="1,4",
+        help="associations at once, comma-separated (default 1,4; e.g. 1,4,32)",
+    )
+    p.add_argument(
+        "--multiframe-mb",
+        type=int,
+        default=0,
+        help="also send one multiframe instance of this many MB (e.g. 1000), 1 association",
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--profile", action="store_true", help="add one profiled agent run")
     p.add_argument(
@@ -784,10 +847,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     samples = work / "samples"
     try:
-        datasets = make_datasets(samples, args.small, args.large)
+        datasets = make_datasets(samples, args.small, args.large, args.multiframe_mb)
+        concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
         n = 0
         for ds in datasets.values():
-            for assoc in CONCURRENCY:
+            for assoc in concurrency if len(ds.files) > 1 else [1]:
                 for rep in range(args.repeat):
                     for receiver in RECEIVERS + ((NOFSYNC,) if args.with_nofsync else ()):
                         n += 1

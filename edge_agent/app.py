@@ -33,6 +33,7 @@ from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics, create_metrics
 from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool, Store
+from edge_agent.store.journal import IngestJournal
 from edge_agent.store.lock import DataDirLock
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
@@ -59,6 +60,7 @@ class RecoveryReport:
     partials_removed: int
     orphans_quarantined: int
     missing_files: int
+    journal_replayed: int = 0
 
 
 def prepare_dirs(cfg: Config) -> Spool:
@@ -99,7 +101,16 @@ class EdgeApp:
         except BaseException:
             self.lock.release()
             raise
-        self.recovery = self._recover()
+        journal = (
+            IngestJournal(
+                s.path("journal_dir"),
+                segment_bytes=s.journal_segment_mb * 2**20,
+                fsync=s.fsync,
+                max_pending_bytes=s.journal_max_pending_mb * 2**20,
+            )
+            if s.journal
+            else None
+        )
         self.ingestor = Ingestor(
             store=self.store,
             spool=self.spool,
@@ -109,7 +120,12 @@ class EdgeApp:
             min_free_bytes=s.min_free_mb * 2**20,
             max_depth=cfg.dicom.max_sequence_depth,
             max_inflated_bytes=cfg.dicom.max_inflated_mb * 2**20,
+            journal=journal,
+            max_record_bytes=s.journal_max_record_mb * 2**20,
+            fsync=s.fsync,
         )
+        self.recovery = self._recover()
+        self.ingestor.start()
         self.listener = DicomListener(
             cfg.dicom,
             ingestor=self.ingestor,
@@ -206,6 +222,8 @@ class EdgeApp:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
         partials = self.spool.remove_partials()
+        # journaled (acknowledged) instances first: their files may be among the "orphans"
+        replayed = self.ingestor.recover()
         orphans = missing = 0
         if not clean:
             known = {
@@ -232,7 +250,7 @@ class EdgeApp:
             for r in self.store.query("SELECT path FROM instances WHERE tier = 'hot'"):
                 if not (self.spool.root / str(r[0])).exists():
                     missing += 1
-        report = RecoveryReport(clean, partials, orphans, missing)
+        report = RecoveryReport(clean, partials, orphans, missing, replayed)
         level = logging.INFO if clean and not missing else logging.WARNING
         log.log(
             level,
@@ -242,6 +260,7 @@ class EdgeApp:
                 "partials_removed": partials,
                 "orphans_quarantined": orphans,
                 "missing_files": missing,
+                "journal_replayed": replayed,
             },
         )
         if missing:
@@ -276,6 +295,9 @@ class EdgeApp:
             self.store.writer.call(lambda c: c.execute("SELECT 1"), timeout=5)
         except Exception as exc:  # any failure means not ready; the reason is shown
             checks["store"] = f"store not writable: {exc}"
+        indexer = self.ingestor.indexer
+        if indexer is not None and indexer.error and not checks["store"]:
+            checks["store"] = f"journaled instances cannot be indexed: {indexer.error}"
         if not self.listener.accepting:
             checks["listener"] = "DICOM listener not accepting"
         if self.cfg.inference.enabled and not self.registry.active():
@@ -307,6 +329,7 @@ class EdgeApp:
     def close(self) -> None:
         """Drain the writer, close the store, mark a clean stop and release the folder."""
         try:
+            self.ingestor.close()
             self.store.close()
             (self.data_dir / CLEAN_STOP_MARKER).write_text(
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n"

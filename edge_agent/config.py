@@ -132,7 +132,15 @@ class StorageConfig:
     ``hot_dir``/``warm_dir``/``cold_dir``: the storage tiers (separate mounts in production).
     ``quarantine_dir``: rejected inputs, kept with their reason. ``database``: the SQLite file.
     ``min_free_mb``: free-space floor on the hot tier in MiB; below it C-STORE answers 0xA700.
-    ``fsync``: must stay true in production; tests of the fsync cost itself may turn it off.
+    ``fsync``: must stay true in production; tests of the fsync cost itself may turn it off
+    (then nothing is flushed at all, SQLite included).
+    ``journal``: acknowledge C-STOREs from the write-ahead ingest journal (one flush per
+    group of instances; files and rows follow in batches); false = write, fsync and commit
+    each instance before its answer. ``journal_dir``: where its segments live.
+    ``journal_segment_mb``: segment size (written with zeros before use).
+    ``journal_max_pending_mb``: journaled bytes not yet indexed before senders wait.
+    ``journal_max_record_mb``: larger instances skip the journal (received straight into
+    their file).
     """
 
     data_dir: str = "/var/lib/edge-agent"
@@ -143,6 +151,11 @@ class StorageConfig:
     quarantine_dir: str = "quarantine"
     min_free_mb: int = 1024
     fsync: bool = True
+    journal: bool = True
+    journal_dir: str = "journal"
+    journal_segment_mb: int = 64
+    journal_max_pending_mb: int = 256
+    journal_max_record_mb: int = 16
 
     def path(self, name: str) -> Path:
         """Resolve one of this section's path settings against ``data_dir``."""
@@ -656,6 +669,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "dicom.max_connections",
             f"must be at least dicom.max_associations ({d.max_associations})",
+        )
+    sc = cfg.storage
+    for name, lo, hi in (
+        ("journal_segment_mb", 4, 4096),
+        ("journal_max_pending_mb", 1, 65536),
+        ("journal_max_record_mb", 1, 1024),
+    ):
+        v = getattr(sc, name)
+        if not lo <= v <= hi:
+            raise ConfigError(f"storage.{name}", f"must be {lo}..{hi}, got {v}")
+    if sc.journal_max_record_mb * 2 > sc.journal_segment_mb:
+        raise ConfigError(
+            "storage.journal_max_record_mb",
+            f"must be at most half of storage.journal_segment_mb ({sc.journal_segment_mb})",
         )
     if not d.allowed_callers and not d.allow_any_caller:
         raise ConfigError(

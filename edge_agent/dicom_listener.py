@@ -319,6 +319,13 @@ class DicomListener:
     def refused(self, limit: str) -> None:
         self._metrics.limit_refusals.labels(limit).inc()
 
+    def settle(self, session: Session) -> None:
+        if not self._ingestor.wait_indexed(session.last_seq, timeout=self._cfg.dimse_timeout_s):
+            log.warning(
+                "association released before its instances were indexed",
+                extra={"association_id": session.id},
+            )
+
     def spill_header(self, session: Session, sop_class: str, sop_instance: str, ts: str) -> bytes:
         return file_header_for(sop_class, sop_instance, ts, session.calling_ae)
 
@@ -341,7 +348,10 @@ class DicomListener:
                 calling_ae=session.calling_ae,
                 peer_host=session.peer_host,
             ),
+            indexed=False,  # durable in the journal is enough to answer; see settle()
         )
+        if result.seq:
+            session.last_seq = result.seq
         if result.outcome is Outcome.DUPLICATE:
             session.duplicates += 1
         elif result.outcome is Outcome.QUARANTINED:

@@ -89,6 +89,7 @@ class Session:
     duplicates: int = 0
     failed: int = 0
     refused: int = 0
+    last_seq: int = 0  # the last journaled instance (see Service.settle)
 
 
 @dataclass
@@ -134,6 +135,10 @@ class Service(Protocol):
 
     def spill_header(self, session: Session, sop_class: str, sop_instance: str, ts: str) -> bytes:
         """The bytes to put before a dataset in a spill file (its Part 10 header)."""
+
+    def settle(self, session: Session) -> None:
+        """Before the A-RELEASE-RP: wait until what the association stored is indexed (so a
+        sender that saw its release complete finds its instances listed). Blocking."""
 
     def store(
         self,
@@ -545,6 +550,10 @@ class Connection:
                         "A-RELEASE-RQ in the middle of a message", reason=pdu.ABORT_UNEXPECTED_PDU
                     )
                 self._step(Event.EVT12)  # AR-2 -> Sta8; nothing outstanding (1/1 window)
+                if self.session.last_seq:
+                    await asyncio.get_running_loop().run_in_executor(
+                        srv.executor, srv.service.settle, self.session
+                    )
                 self._step(Event.EVT14)  # AR-4: send RP, start ARTIM -> Sta13
                 self._send(pdu.release_rp())
                 await self._flush()

@@ -97,6 +97,11 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (nothing more can be written)."""
+        return self._closed.is_set()
+
     def submit(self, fn: WriteFn, *, sync_dirs: Iterable[Path] = ()) -> Future[Any]:
         """Queue ``fn(conn)`` to run inside the next transaction.
 

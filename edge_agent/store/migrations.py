@@ -411,6 +411,18 @@ MIGRATIONS: Sequence[Migration] = (
         ALTER TABLE associations ADD COLUMN peer_implementation TEXT NOT NULL DEFAULT '';
         """,
     ),
+    Migration(
+        "0011_ingest_journal",
+        """
+        -- every ingest journal record before (segment, offset) is in the spool and here
+        CREATE TABLE ingest_checkpoint (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            segment     INTEGER NOT NULL,
+            offset      INTEGER NOT NULL,
+            at          REAL NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -61,17 +61,30 @@ class Spool:
         """Bytes available to this process on the tier's filesystem."""
         return shutil.disk_usage(self.root).free
 
-    def put(self, sha256: str, chunks: tuple[bytes | memoryview, ...]) -> SpoolWrite:
+    def put(
+        self,
+        sha256: str,
+        chunks: tuple[bytes | memoryview, ...],
+        *,
+        sync: bool | None = None,
+        verify: bool = False,
+    ) -> SpoolWrite:
         """Store the concatenation of ``chunks`` under ``sha256`` durably (file fsynced and
         renamed; the caller fsyncs the parent folder before acknowledging).
+
+        ``sync=False``: no fsync (the caller flushes the filesystem before it relies on the
+        file). ``verify``: an object already there is only trusted if it holds exactly
+        these bytes (after a crash it may be a file written but never flushed); otherwise
+        it is rewritten.
 
         Raises :class:`OutOfResources` on ENOSPC/EDQUOT (the temp file is removed); other
         ``OSError`` propagate.
         """
         rel = self.relpath(sha256)
         dest = self.root / rel
-        if dest.exists():
+        if dest.exists() and (not verify or _holds(dest, chunks)):
             return SpoolWrite(rel, dest, created=False)
+        fsync = self.fsync if sync is None else sync
         tmp = self.tmp / f"{uuid.uuid4().hex}.partial"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -81,7 +94,7 @@ class Spool:
                     while view:
                         n = os.write(fd, view)
                         view = view[n:]
-                if self.fsync:
+                if fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -134,3 +147,14 @@ class Spool:
         if not self.objects.is_dir():
             return []
         return sorted(self.objects.glob("??/*.dcm"))
+
+
+def _holds(path: Path, chunks: tuple[bytes | memoryview, ...]) -> bool:
+    """True if ``path`` holds exactly the concatenation of ``chunks``."""
+    try:
+        if path.stat().st_size != sum(len(c) for c in chunks):
+            return False
+        with path.open("rb") as fh:
+            return all(fh.read(len(c)) == bytes(c) for c in chunks)
+    except OSError:
+        return False

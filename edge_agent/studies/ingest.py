@@ -32,6 +32,8 @@ from edge_agent.dicom.negotiation import (
 from edge_agent.errors import InvalidInstance, OutOfResources, StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
+from edge_agent.store.journal import IngestJournal, Record
+from edge_agent.studies.indexer import Indexer, Item, record_meta, replay
 from edge_agent.studies.parse import MAX_DEPTH, MAX_INFLATED_BYTES, InstanceInfo, inspect_dataset
 from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance, sop_versions
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_NONE = -1  # quarantine rows for data kept without a status of its own
 
 
 class DatasetSource(Protocol):
@@ -93,6 +96,10 @@ class IngestResult:
     comment: str
     outcome: Outcome
     instance_id: int | None = None
+    seq: int = 0  # the journal sequence number (0: not journaled); see Ingestor.wait_indexed
+
+
+SPACE_SLACK_BYTES = 64 * 1024  # per instance: filesystem overhead beyond its bytes
 
 
 class Ingestor:
@@ -110,6 +117,9 @@ class Ingestor:
         tier: str = "hot",
         max_depth: int = MAX_DEPTH,
         max_inflated_bytes: int = MAX_INFLATED_BYTES,
+        journal: IngestJournal | None = None,
+        max_record_bytes: int = 16 * 2**20,
+        fsync: bool = True,
     ) -> None:
         self._store = store
         self._spool = spool
@@ -120,6 +130,73 @@ class Ingestor:
         self._tier = tier
         self._max_depth = max_depth
         self._max_inflated = max_inflated_bytes
+        self._max_record = max_record_bytes
+        self.indexer: Indexer | None = None
+        if journal is not None:
+            self.indexer = Indexer(
+                journal=journal,
+                store=store,
+                spool=spool,
+                clock=clock,
+                metrics=metrics,
+                fsync=fsync,
+                tier=tier,
+                quarantine=self._quarantine_acknowledged,
+            )
+
+    # -- the journal's lifecycle ---------------------------------------------------------
+
+    def recover(self) -> int:
+        """Replay journaled records the store does not hold yet (startup, before any
+        association). Returns how many were replayed."""
+        if self.indexer is None:
+            return 0
+        return replay(self.indexer, self._store, self._inspect_record)
+
+    def start(self) -> None:
+        """Start the journal and the indexer (after :meth:`recover`)."""
+        if self.indexer is None:
+            return
+        journal = self.indexer.journal
+        newest = max((seg for seg, _ in journal.segments()), default=0)
+        journal.start(after=newest)
+        self.indexer.start()
+
+    def close(self) -> None:
+        """No more appends; index what is journaled; stop."""
+        if self.indexer is not None:
+            self.indexer.journal.close()
+            self.indexer.close()
+
+    def wait_indexed(self, seq: int, timeout: float = 60.0) -> bool:
+        """Wait until every instance journaled up to ``seq`` is in the store."""
+        if self.indexer is None or seq <= 0:
+            return True
+        return self.indexer.wait(seq, timeout)
+
+    def _inspect_record(self, record: Record, meta: dict[str, object]) -> InstanceInfo:
+        return inspect_dataset(
+            record.dataset,
+            str(meta.get("ts", "")),
+            expected_sop_class=str(meta.get("sop_class", "")) or None,
+            expected_sop_instance=str(meta.get("sop_instance", "")) or None,
+            max_depth=self._max_depth,
+            max_inflated_bytes=self._max_inflated,
+        )
+
+    def _quarantine_acknowledged(self, item: Item, reason: str) -> None:
+        data = bytes(item.record.header) + bytes(item.record.dataset)
+        exc = InvalidInstance(STATUS_NONE, reason)
+        self._quarantine_instance(
+            data,
+            exc,
+            transfer_syntax=item.info.transfer_syntax,
+            sop_class_uid=item.info.sop_class_uid,
+            sop_instance_uid=item.info.sop_instance_uid,
+            origin=Origin(association_id=None, calling_ae=item.calling_ae),
+        )
+
+    # -- receiving ------------------------------------------------------------------------
 
     def receive(
         self,
@@ -129,8 +206,14 @@ class Ingestor:
         sop_class_uid: str,
         sop_instance_uid: str,
         origin: Origin,
+        indexed: bool = True,
     ) -> IngestResult:
         """Handle one C-STORE dataset (encoded as received, without file meta).
+
+        Returns once the instance is durable (the status may be acknowledged). With the
+        journal on, ``indexed=False`` returns as soon as it is journaled; its file and rows
+        follow a moment later (:meth:`wait_indexed` with the result's ``seq``); the default
+        waits for them too.
 
         Never raises: every failure becomes a status and a comment.
         """
@@ -144,6 +227,8 @@ class Ingestor:
                 sop_instance_uid=sop_instance_uid,
                 origin=origin,
             )
+            if indexed and result.seq and not self.wait_indexed(result.seq):
+                log.warning("instance journaled but not yet indexed after 60 s")
         except OutOfResources as exc:
             result = self._refuse(str(exc), origin)
         except Exception as exc:  # never acknowledged; the sender gets a clear status
@@ -170,7 +255,9 @@ class Ingestor:
         origin: Origin,
     ) -> IngestResult:
         free = self._spool.free_bytes()
-        if free < self.min_free_bytes:
+        if self.indexer is not None:  # journaled instances still to be written to this tier
+            free -= self.indexer.unwritten_bytes
+        if free < self.min_free_bytes or free < src.size + SPACE_SLACK_BYTES:
             raise OutOfResources(
                 f"Out of resources: free space on the hot tier ({free // 2**20} MiB) is below "
                 f"the floor ({self.min_free_bytes // 2**20} MiB)"
@@ -198,6 +285,8 @@ class Ingestor:
         sha = src.sha256
         with self._store.read() as conn:
             versions = sop_versions(conn, info.sop_instance_uid)
+        if self.indexer is not None:
+            versions += [(0, k, t) for k, t in self.indexer.pending_versions(info.sop_instance_uid)]
         key = sha
         for version, known, known_ts in versions:
             if known == sha and known_ts == info.transfer_syntax:
@@ -208,6 +297,8 @@ class Ingestor:
                 key = object_key(sha, info.transfer_syntax)
         header = file_header(info, origin.calling_ae)
         dataset = memoryview(src.data)[src.offset : src.offset + src.size]
+        if self.indexer is not None and src.spill is None and src.size <= self._max_record:
+            return self._journal(info, header, dataset, sha, key, origin, new=bool(versions))
         if (
             src.spill is not None
             and key == sha
@@ -261,6 +352,53 @@ class Ingestor:
             return IngestResult(STATUS_SUCCESS, "", Outcome.NEW_VERSION, recorded.instance_id)
         self._metrics.instances.labels(Outcome.STORED.value).inc()
         return IngestResult(STATUS_SUCCESS, "", Outcome.STORED, recorded.instance_id)
+
+    def _journal(
+        self,
+        info: InstanceInfo,
+        header: bytes,
+        dataset: memoryview,
+        sha: str,
+        key: str,
+        origin: Origin,
+        *,
+        new: bool,
+    ) -> IngestResult:
+        """The ack path with the journal: one durable append, then the answer."""
+        assert self.indexer is not None
+        if self._store.writer.closed or self.indexer.error:
+            # the journal would keep it, but nothing could index it: refuse while broken
+            raise StoreError(
+                f"store not writable: {self.indexer.error or 'store writer is closed'}"
+            )
+        now = self._clock.now()
+        meta = record_meta(
+            info,
+            sha256=sha,
+            key=key,
+            calling_ae=origin.calling_ae,
+            association_id=origin.association_id,
+            peer_host=origin.peer_host,
+            received_at=now,
+        )
+        record = Record(meta=meta, header=header, dataset=dataset, sha256=sha)
+        item = Item(
+            record=record,
+            info=info,
+            key=key,
+            calling_ae=origin.calling_ae,
+            association_id=origin.association_id,
+            received_at=now,
+        )
+        seq = self.indexer.reserve(item)
+        try:
+            record.position = self.indexer.journal.append(record)
+        except BaseException:
+            self.indexer.forget(item)
+            raise
+        self.indexer.submit(item)
+        outcome = Outcome.NEW_VERSION if new else Outcome.STORED
+        return IngestResult(STATUS_SUCCESS, "", outcome, None, seq=seq)
 
     def _drop_unreferenced(self, relpath: str, path: Path) -> None:
         try:

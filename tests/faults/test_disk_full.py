@@ -89,12 +89,17 @@ def test_injected_enospc_mid_write(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    # spool_module.os is the os module: this patches os.write process-wide for the test.
+    def failing_writev(fd: int, buffers: Any, *args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # spool_module.os is the os module: this patches os.write process-wide for the test,
+    # and the ingest journal's os.pwritev (the write on the ack path when it is on).
     monkeypatch.setattr(spool_module.os, "write", failing_write)
+    monkeypatch.setattr(spool_module.os, "pwritev", failing_writev)
     r = storescu(app.listener.port, study.files[1], extra=("-v",))
     assert _statuses(r.stderr) == ["Refused: OutOfResources"], r.stderr
     assert not list(app.spool.tmp.iterdir())
-    monkeypatch.setattr(spool_module.os, "write", real_write)
+    monkeypatch.undo()
     assert storescu(app.listener.port, *study.files[1:]).returncode == 0
     assert app.store.query("SELECT count(*) FROM instances")[0][0] == 4
 

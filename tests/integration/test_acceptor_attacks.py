@@ -325,3 +325,59 @@ def test_stored_file_is_readable(app_factory: Any) -> None:
     back = pydicom.dcmread(app.spool.root / row["path"])
     assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert back.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _multiframe(path: Path, megabytes: int) -> Path:
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID, generate_uid
+
+    frames = max(1, megabytes * 10**6 // (256 * 256 * 2))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "MR", "MF"
+    ds.Rows = ds.Columns = 256
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.random.default_rng(1).integers(0, 4096, frames * 65536, np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_large_instance_is_received_into_its_file_with_bounded_memory(
+    app_factory: Any, tmp_path: Path
+) -> None:
+    """A 300 MB multiframe goes straight to a spill file behind its header and is renamed
+    into place: memory does not grow with the instance, the file is byte-identical."""
+    import hashlib
+
+    src = _multiframe(tmp_path / "mf.dcm", 300)
+    app = app_factory()
+    before = rss_mb()
+    r = storescu(app.listener.port, src)
+    assert r.returncode == 0, r.stderr
+    assert rss_mb() - before < 120
+    (row,) = app.store.query("SELECT path, sha256 FROM instances")
+    stored = app.spool.root / row["path"]
+    assert hashlib.sha256(split_part10(stored.read_bytes())[1]).hexdigest() == row["sha256"]
+    assert split_part10(stored.read_bytes())[1] == split_part10(src.read_bytes())[1]
+    assert not list(app.spool.tmp.iterdir())
+
+
+def test_dataset_over_the_size_limit_aborts(app_factory: Any, tmp_path: Path) -> None:
+    src = _multiframe(tmp_path / "mf.dcm", 3)
+    app = app_factory(make_config(tmp_path, dicom={"max_dataset_mb": 1}))
+    r = storescu(app.listener.port, src)
+    assert r.returncode != 0
+    wait_until(lambda: len(audit(app, "reject_reason LIKE 'dataset larger than the limit%'")) == 1)
+    assert app.store.query("SELECT count(*) FROM instances")[0][0] == 0
+    assert not list(app.spool.tmp.iterdir())  # the spill file is gone
+    assert app.metrics.limit_refusals.labels("dataset_size")._value.get() == 1
+    assert storescu(app.listener.port, TEST_FILES / "CT_small.dcm").returncode == 0
