@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import sqlite_utils
 
@@ -32,6 +32,16 @@ from edge_agent.store.migrations import apply_migrations
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Q = TypeVar("Q")
+Q_co = TypeVar("Q_co", covariant=True)
+
+
+class QueueLike(Protocol[Q_co]):
+    def get(self) -> Q_co: ...
+
+    def get_nowait(self) -> Q_co: ...
+
+
 WriteFn = Callable[[sqlite3.Connection], Any]
 
 BUSY_TIMEOUT_MS = 30_000
@@ -157,24 +167,8 @@ class Writer:
         return fd
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+        for batch in batches(self._queue, self._max_batch):
             self._commit_batch(batch)
-            if stop:
-                return
 
     def _commit_batch(self, batch: list[_Request]) -> None:
         results: list[tuple[bool, Any]] = []
@@ -218,6 +212,30 @@ class Writer:
                 req.future.set_result(value)
             else:
                 req.future.set_exception(value)
+
+
+def batches(q: QueueLike[Q | None], limit: int) -> Iterator[list[Q]]:
+    """Group commit: wait for the first item, take whatever else is already queued (up to
+    ``limit``), yield the batch; a ``None`` in the queue ends it (after the items before).
+    """
+    while True:
+        first = q.get()
+        if first is None:
+            return
+        batch = [first]
+        stop = False
+        while len(batch) < limit:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                stop = True
+                break
+            batch.append(nxt)
+        yield batch
+        if stop:
+            return
 
 
 def fsync_dir(path: Path) -> None:

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import OutOfResources
+from edge_agent.store.db import batches
 
 log = logging.getLogger(__name__)
 
@@ -258,24 +259,8 @@ class IngestJournal:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < 1024:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+        for batch in batches(self._queue, 1024):
             self._write_batch(batch)
-            if stop:
-                return
 
     def _write_batch(self, batch: list[_Append]) -> None:
         written: list[tuple[_Append, Position]] = []

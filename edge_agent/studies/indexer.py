@@ -26,6 +26,7 @@ from edge_agent.clock import Clock
 from edge_agent.errors import InvalidInstance, StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
+from edge_agent.store.db import batches
 from edge_agent.store.journal import IngestJournal, Position, Record, syncfs
 from edge_agent.studies.parse import InstanceInfo
 from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance
@@ -173,21 +174,7 @@ class Indexer:
             self._thread = None
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+        for batch in batches(self._queue, self._max_batch):
             while True:
                 try:
                     self.index(batch)
@@ -205,8 +192,6 @@ class Indexer:
                         return
                     log.exception("indexing journaled instances failed; retrying")
                     time.sleep(RETRY_S)
-            if stop:
-                return
 
     # -- a batch --------------------------------------------------------------------------
 
