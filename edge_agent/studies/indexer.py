@@ -18,7 +18,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from edge_agent.clock import Clock
 from edge_agent.errors import InvalidInstance, StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
-from edge_agent.store.db import batches
 from edge_agent.store.journal import IngestJournal, Position, Record, syncfs
 from edge_agent.studies.parse import InstanceInfo
 from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance
@@ -93,6 +92,7 @@ class Indexer:
         fsync: bool,
         tier: str = "hot",
         max_batch: int = 512,
+        linger_s: float = 0.05,
         quarantine: Callable[[Item, str], None] | None = None,
     ) -> None:
         self.journal = journal
@@ -103,6 +103,8 @@ class Indexer:
         self._fsync = fsync
         self._tier = tier
         self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._kick = threading.Event()
         self._quarantine = quarantine
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
@@ -145,6 +147,7 @@ class Indexer:
     def wait(self, seq: int, timeout: float) -> bool:
         """Wait until every item up to ``seq`` is in the store. False on timeout."""
         deadline = time.monotonic() + timeout
+        self._kick.set()  # someone is waiting: no lingering
         with self._cond:
             while self._done < seq:
                 left = deadline - time.monotonic()
@@ -173,8 +176,33 @@ class Indexer:
             self._thread.join(timeout)
             self._thread = None
 
+    def _batches(self) -> Iterator[list[Item]]:
+        """Like :func:`~edge_agent.store.db.batches`, but a batch lingers up to ``linger_s``
+        for more records (one filesystem flush and one commit for many instances instead of
+        one each), unless someone waits for the index (:meth:`wait`) or it is full."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self._linger_s
+            while len(batch) < self._max_batch and not self._kick.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    nxt = self._queue.get(timeout=min(left, 0.005))
+                except queue.Empty:
+                    continue
+                if nxt is None:
+                    yield batch
+                    return
+                batch.append(nxt)
+            self._kick.clear()
+            yield batch
+
     def _run(self) -> None:
-        for batch in batches(self._queue, self._max_batch):
+        for batch in self._batches():
             while True:
                 try:
                     self.index(batch)
