@@ -47,6 +47,7 @@ from edge_agent.dicom.negotiation import Accepted, Rejected, Request, negotiate
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+WATCHDOG_S = 0.1  # how often read deadlines are checked (their precision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,20 +275,29 @@ class Connection:
         self.holds_slot = False  # an accepted association's slot, until it ends
         self.assoc: Accepted | None = None
         self._sink: _Sink | None = None
-        self._aborting = False
+        self.deadline = 0.0  # monotonic time the current read must finish by (0: none)
+        self.phase = ""
+        self.expired = False
+        self.task: asyncio.Task[Any] | None = None
 
     # -- transport ----------------------------------------------------------------------
 
     async def _read_pdu(self, header_timeout: float, limits: dict[int, int]) -> tuple[int, bytes]:
         """One PDU: (type, body). Unknown types and bodies longer than ``limits[type]``
-        raise before the body is read."""
+        raise before the body is read. The header must arrive within ``header_timeout``
+        (``TimeoutError``), the body within ``pdu_read_s`` (A-ABORT); both deadlines are
+        kept by the server's watchdog rather than a timer per read."""
+        self._arm(header_timeout, "header")
         try:
-            async with asyncio.timeout(header_timeout):
-                head = await self.reader.readexactly(6)
-        except TimeoutError:  # (a subclass of OSError: must come first)
+            head = await self.reader.readexactly(6)
+        except asyncio.CancelledError:
+            if self._expired():
+                raise TimeoutError from None
             raise
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             raise _Closed() from exc
+        finally:
+            self.deadline = 0.0
         ptype, _, length = pdu.HEADER.unpack(head)
         if ptype not in pdu.KNOWN_TYPES:
             raise pdu.PduError(f"unrecognised PDU type 0x{ptype:02X}", pdu.ABORT_UNRECOGNIZED_PDU)
@@ -297,17 +307,43 @@ class Connection:
                 f"PDU type 0x{ptype:02X} of {length} bytes exceeds the maximum of {cap}",
                 limit="pdu_size",
             )
+        if not length:
+            return ptype, head if ptype == pdu.A_ASSOCIATE_RQ else b""
+        self._arm(self.server.limits.pdu_read_s, "body")
         try:
-            async with asyncio.timeout(self.server.limits.pdu_read_s):
-                body = await self.reader.readexactly(length) if length else b""
-        except TimeoutError:
-            raise _Abort(
-                f"PDU body not received within {self.server.limits.pdu_read_s} s",
-                limit="pdu_read_timeout",
-            ) from None
+            body = await self.reader.readexactly(length)
+        except asyncio.CancelledError:
+            if self._expired():
+                raise _Abort(
+                    f"PDU body not received within {self.server.limits.pdu_read_s} s",
+                    limit="pdu_read_timeout",
+                ) from None
+            raise
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             raise _Closed() from exc
+        finally:
+            self.deadline = 0.0
         return ptype, head + body if ptype == pdu.A_ASSOCIATE_RQ else body
+
+    def _arm(self, seconds: float, phase: str) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.phase = phase
+
+    def _expired(self) -> bool:
+        """True if the cancellation being handled is the watchdog's (and clear it)."""
+        if not self.expired:
+            return False
+        self.expired = False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
+    def expire(self) -> None:
+        """Called by the watchdog: the read in progress is past its deadline."""
+        if self.task is not None and self.deadline and not self.expired:
+            self.expired = True
+            self.task.cancel()
 
     def _send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -326,6 +362,7 @@ class Connection:
 
     async def run(self) -> None:
         s = self.session
+        self.task = asyncio.current_task()
         try:
             self._step(Event.EVT5)  # AE-5: start ARTIM
             await self._await_request()
@@ -709,12 +746,23 @@ class AcceptorServer:
         self.executor = ThreadPoolExecutor(
             max_workers=max(4, limits.max_associations), thread_name_prefix="dicom-store"
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(
             self._on_connect, sock=sock, limit=2**16, backlog=512
         )
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Every ``WATCHDOG_S``: expire reads past their deadline (one timer for all
+        connections instead of one per read)."""
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.deadline and now > conn.deadline:
+                    conn.expire()
 
     @property
     def accepting(self) -> bool:
@@ -814,5 +862,7 @@ class AcceptorServer:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.executor.shutdown(wait=True)
         return len(left)
