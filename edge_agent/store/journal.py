@@ -38,19 +38,16 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import re
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import OutOfResources
-from edge_agent.store.db import batches
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +80,6 @@ class Record:
     sha256: str
     seq: int = 0
     position: Position | None = None
-
-
-@dataclass
-class _Append:
-    record: Record
-    future: Future[Position]
 
 
 def _padded(n: int) -> int:
@@ -140,7 +131,11 @@ class IngestJournal:
         self.fsync = fsync
         self.max_pending_bytes = max_pending_bytes
         root.mkdir(parents=True, exist_ok=True)
-        self._queue: queue.SimpleQueue[_Append | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # writes, rotation, retirement, spares
+        self._flush_lock = threading.Lock()  # one fdatasync at a time (the group's leader)
+        self._written = 0  # generation: records written so far
+        self._synced = 0  # every record up to this generation is durable
+        self._failed: list[tuple[int, int]] = []  # (lo, hi]: generations lost to a failed flush
         self._fd = -1
         self._segment = 0
         self._offset = 0
@@ -148,7 +143,6 @@ class IngestJournal:
         self._seq = 0
         self._pending_bytes = 0  # appended, not yet checkpointed (back-pressure)
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
         self._closed = False
 
     # -- segments -------------------------------------------------------------------------
@@ -192,10 +186,9 @@ class IngestJournal:
 
     def start(self, *, after: int) -> None:
         """Start appending in a new segment numbered above ``after`` (the newest existing)."""
-        self._segment = after
-        self._open_next()
-        self._thread = threading.Thread(target=self._run, name="ingest-journal", daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._segment = after
+            self._open_next()
 
     def _open_next(self) -> None:
         if self._fd >= 0:
@@ -209,6 +202,10 @@ class IngestJournal:
     def recycle(self, below: int) -> None:
         """Segments older than ``below`` hold only checkpointed records: keep one as the
         next spare, delete the rest."""
+        with self._lock:
+            self._recycle(below)
+
+    def _recycle(self, below: int) -> None:
         for seg, path in self.segments():
             if seg >= below or seg >= self._segment:
                 continue
@@ -244,10 +241,8 @@ class IngestJournal:
             if self._closed:
                 raise OutOfResources("the ingest journal is closed (shutting down)")
             self._pending_bytes += size
-        fut: Future[Position] = Future()
-        self._queue.put(_Append(record, fut))
         try:
-            return fut.result()
+            return self._append(record)
         except BaseException:
             self.done(size)
             raise
@@ -258,33 +253,57 @@ class IngestJournal:
             self._pending_bytes = max(0, self._pending_bytes - size)
             self._cond.notify_all()
 
-    def _run(self) -> None:
-        for batch in batches(self._queue, 1024):
-            self._write_batch(batch)
+    def _append(self, record: Record) -> Position:
+        """Group commit without a thread of its own: write under the lock, then the first
+        appender to reach the flush does one fdatasync for every record written by then
+        (the others find their generation already durable)."""
+        with self._lock:
+            if self._closed:
+                raise OutOfResources("the ingest journal is closed (shutting down)")
+            try:
+                if self._fd < 0:  # the last segment was retired and no new one could be made
+                    self._open_next()
+                pos = self._write(record)
+            except OSError as exc:
+                self._retire(exc)
+                raise self._refusal(exc) from exc
+            self._written += 1
+            gen = self._written
+        if not self.fsync:
+            return pos
+        with self._flush_lock:
+            if self._lost(gen):
+                raise OutOfResources("cannot make the instance durable: the journal flush failed")
+            if self._synced >= gen:
+                return pos
+            with self._lock:
+                fd, target = self._fd, self._written
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                with self._lock:
+                    self._retire(exc)
+                raise self._refusal(exc) from exc
+            self._synced = max(self._synced, target)
+        return pos
 
-    def _write_batch(self, batch: list[_Append]) -> None:
-        written: list[tuple[_Append, Position]] = []
-        try:
-            if self._fd < 0:  # the last segment was retired and no new one could be made
-                self._open_next()
-            for item in batch:
-                written.append((item, self._write(item.record)))
-            if self.fsync:
-                os.fdatasync(self._fd)
-        except OSError as exc:
-            log.error(
-                "ingest journal write failed: the batch is refused and the segment retired",
-                extra={"segment": self._segment, "error": str(exc), "records": len(batch)},
-            )
-            err = OutOfResources(f"cannot make the instance durable: {exc.strerror or exc}")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
-            with contextlib.suppress(OSError):
-                self._open_next()  # never write to (or fsync) the failed descriptor again
-            return
-        for item, pos in written:
-            item.future.set_result(pos)
+    def _lost(self, gen: int) -> bool:
+        return any(lo < gen <= hi for lo, hi in self._failed)
+
+    def _retire(self, exc: OSError) -> None:
+        """(Under the lock.) A write or flush failed: every record written since the last
+        durable one is lost, and the segment is never written or flushed again."""
+        self._failed.append((self._synced, self._written))
+        log.error(
+            "ingest journal write failed: unflushed records refused, segment retired",
+            extra={"segment": self._segment, "error": str(exc)},
+        )
+        with contextlib.suppress(OSError):
+            self._open_next()
+
+    @staticmethod
+    def _refusal(exc: OSError) -> OutOfResources:
+        return OutOfResources(f"cannot make the instance durable: {exc.strerror or exc}")
 
     def _write(self, r: Record) -> Position:
         meta_len, head_len, data_len = len(r.meta), len(r.header), len(r.dataset)
@@ -294,6 +313,7 @@ class IngestJournal:
         if self._offset + total > self.segment_bytes - _HEAD.size:
             if self.fsync:
                 os.fdatasync(self._fd)  # the previous segment is complete and durable
+            self._synced = max(self._synced, self._written)
             self._open_next()
         crc = zlib.crc32(struct.pack("<QIIQ", self._segment, meta_len, head_len, data_len))
         crc = zlib.crc32(r.meta, crc)
@@ -315,13 +335,11 @@ class IngestJournal:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(30)
-            self._thread = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     # -- replay ---------------------------------------------------------------------------
 
