@@ -78,6 +78,11 @@ class DicomConfig:
     addressed to another AE title. ``allowed_callers``: the allow-list; an empty list rejects
     everyone unless ``allow_any_caller`` is true.
 
+    ``max_associations_per_ip``: of those, how many one peer address may hold (so one
+    slow or hostile sender cannot take every slot; 0 = all but a quarter of
+    ``max_associations`` (at least one slot kept for others) from 4 slots up, every slot
+    below); more are rejected "local limit exceeded" (transient).
+
     Limits (each refusal is counted in ``edge_dicom_limit_refusals_total`` and audited):
     ``max_connections`` TCP connections at once (associations or not, 1-65536) and
     ``max_connections_per_ip`` from one peer address: more are closed at once.
@@ -107,6 +112,7 @@ class DicomConfig:
     require_called_ae_title: bool = True
     allow_any_caller: bool = False
     allowed_callers: tuple[AllowedCaller, ...] = ()
+    max_associations_per_ip: int = 0
     max_connections: int = 512
     max_connections_per_ip: int = 32
     acse_timeout_s: float = 10.0
@@ -123,6 +129,14 @@ class DicomConfig:
     shutdown_grace_s: float = 30.0
     poll_interval_ms: float = 0.2
     tls: TlsConfig = field(default_factory=TlsConfig)
+
+    @property
+    def associations_per_ip(self) -> int:
+        """``max_associations_per_ip`` with 0 resolved."""
+        if self.max_associations_per_ip:
+            return self.max_associations_per_ip
+        n = self.max_associations
+        return n - max(1, n // 4) if n >= 4 else n
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -665,6 +679,12 @@ def validate(cfg: Config) -> None:
         v = getattr(d, name)
         if not lo <= v <= hi:
             raise ConfigError(f"dicom.{name}", f"must be {lo}..{hi}, got {v}")
+    if not 0 <= d.max_associations_per_ip <= d.max_associations:
+        raise ConfigError(
+            "dicom.max_associations_per_ip",
+            f"must be 0 (auto) or 1..dicom.max_associations ({d.max_associations}), "
+            f"got {d.max_associations_per_ip}",
+        )
     if d.max_connections < d.max_associations:
         raise ConfigError(
             "dicom.max_connections",

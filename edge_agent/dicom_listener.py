@@ -217,7 +217,9 @@ class DicomListener:
 
     # -- the acceptor's service (event loop thread, except store) -------------------------
 
-    def decide(self, session: Session, request: Request, active: int) -> Rejected | None:
+    def decide(
+        self, session: Session, request: Request, active: int, from_peer: int
+    ) -> Rejected | None:
         cfg = self._cfg
         calling, called, host = request.calling_ae, request.called_ae, session.peer_host
         if self._server is None or not self._server.accepting:
@@ -231,6 +233,14 @@ class DicomListener:
         if active >= cfg.max_associations:
             self._metrics.limit_refusals.labels("associations").inc()
             return Rejected(pdu.REJECT_LOCAL_LIMIT, "local limit exceeded")
+        if from_peer >= cfg.associations_per_ip:
+            # one address may not take every slot (a slow sender would lock everyone out)
+            self._metrics.limit_refusals.labels("associations_per_ip").inc()
+            return Rejected(
+                pdu.REJECT_LOCAL_LIMIT,
+                f"local limit exceeded: {from_peer} associations from {session.peer_host} "
+                f"(dicom.max_associations_per_ip)",
+            )
         return None
 
     def opened(self, session: Session) -> None:

@@ -122,8 +122,12 @@ class Service(Protocol):
     contexts: list[PresentationContext]
     spill_dir: Path
 
-    def decide(self, session: Session, request: Request, active: int) -> Rejected | None:
-        """Accept (None) or refuse an association request; runs on the event loop."""
+    def decide(
+        self, session: Session, request: Request, active: int, from_peer: int
+    ) -> Rejected | None:
+        """Accept (None) or refuse an association request; runs on the event loop.
+        ``active``: accepted associations open now; ``from_peer``: of those, from this
+        peer's address."""
 
     def opened(self, session: Session) -> None:
         """The association was accepted or rejected: write its audit row (non-blocking)."""
@@ -488,7 +492,9 @@ class Connection:
             raw,
             our_max_pdu=srv.limits.max_pdu_bytes,
             contexts=srv.service.contexts,
-            policy=lambda rq: srv.service.decide(s, rq, srv.active),
+            policy=lambda rq: srv.service.decide(
+                s, rq, srv.active, srv.assoc_per_ip.get(s.peer_host, 0)
+            ),
         )
         if isinstance(decision, Rejected):
             s.calling_ae, s.called_ae = decision.calling_ae, decision.called_ae
@@ -510,6 +516,7 @@ class Connection:
         )
         s.accepted, s.outcome = True, "open"
         srv.active += 1
+        srv.assoc_per_ip[s.peer_host] = srv.assoc_per_ip.get(s.peer_host, 0) + 1
         self.holds_slot = True
         srv.service.opened(s)
         self._step(Event.EVT7)  # AE-7: send AC
@@ -737,6 +744,7 @@ class AcceptorServer:
         self.ssl_context = ssl_context
         self.now = now
         self.active = 0  # accepted associations
+        self.assoc_per_ip: dict[str, int] = {}  # of those, by peer address
         self.buffered = 0  # dataset bytes held in memory, all connections
         self.max_rq_bytes = 65_536
         self.connections: set[Connection] = set()
@@ -843,6 +851,12 @@ class AcceptorServer:
         if conn.holds_slot:
             conn.holds_slot = False
             self.active -= 1
+            host = conn.session.peer_host
+            left = self.assoc_per_ip.get(host, 1) - 1
+            if left <= 0:
+                self.assoc_per_ip.pop(host, None)
+            else:
+                self.assoc_per_ip[host] = left
 
     async def shutdown(self, grace_s: float) -> int:
         """Stop accepting, let associations finish for ``grace_s``, abort the rest.

@@ -657,3 +657,15 @@ def test_foreign_edge_variables_are_ignored() -> None:
     }
     cfg = load_config(None, env=env)
     assert cfg.dicom.port == 11112 and cfg.dicom.allow_any_caller
+
+
+@pytest.mark.parametrize(
+    ("slots", "per_ip", "expected"), [(16, 0, 12), (4, 0, 3), (2, 0, 2), (1, 0, 1), (16, 5, 5)]
+)
+def test_associations_per_ip_keeps_a_slot_for_others(
+    slots: int, per_ip: int, expected: int
+) -> None:
+    from edge_agent.config import DicomConfig
+
+    d = DicomConfig(max_associations=slots, max_associations_per_ip=per_ip)
+    assert d.associations_per_ip == expected
