@@ -244,7 +244,7 @@ class IngestJournal:
         try:
             return self._append(record)
         except BaseException:
-            self.done(size)
+            self.done(size)  # not appended: the caller calls done() only for appended ones
             raise
 
     def done(self, size: int) -> None:

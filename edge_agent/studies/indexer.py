@@ -47,6 +47,7 @@ class Item:
     received_at: float
     seq: int = 0
     replayed: bool = False
+    appended: bool = False  # in the journal's back-pressure count (done() when finished)
     relpath: str = ""
     size: int = field(default=0)
 
@@ -341,8 +342,10 @@ class Indexer:
         size = 0
         with self._cond:
             for item in batch:
-                size += item.size
-                self.unwritten_bytes -= item.size
+                if item.appended:
+                    size += item.size
+                if item.seq:  # reserved on the ack path (a replayed record never was)
+                    self.unwritten_bytes -= item.size
                 versions = self._pending.get(item.info.sop_instance_uid)
                 if versions is not None:
                     with contextlib.suppress(ValueError):

@@ -393,6 +393,7 @@ class Ingestor:
         seq = self.indexer.reserve(item)
         try:
             record.position = self.indexer.journal.append(record)
+            item.appended = True
         except BaseException:
             self.indexer.forget(item)
             raise

@@ -166,3 +166,29 @@ def test_restart_replays_journal_once_with_a_torn_last_record(tmp_path: Path) ->
         assert third.store.query("SELECT count(*) FROM instances")[0][0] == 5
     finally:
         third.close()
+
+
+def test_back_pressure_and_free_space_accounting_return_to_zero(tmp_path: Path) -> None:
+    """Every journaled byte is released once indexed, and a refused append releases its own
+    (no drift that would one day stall senders or refuse them for lack of space)."""
+    from edge_agent.app import EdgeApp
+    from edge_agent.studies.ingest import Origin
+
+    app = EdgeApp(make_config(tmp_path))
+    try:
+        indexer = app.ingestor.indexer
+        assert indexer is not None
+        kw = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "origin": Origin(
+            association_id=None, calling_ae="UNIT")}  # fmt: skip
+        for ts, data, uid in _ct(4):
+            r = app.ingestor.receive(data, transfer_syntax=ts, sop_instance_uid=uid, **kw)
+            assert r.status == 0 and r.seq
+        assert indexer.unwritten_bytes == 0 and indexer.journal._pending_bytes == 0
+        indexer.journal.close()  # appends now fail: refused, nothing left counted
+        ts, data, uid = _ct(5)[4]
+        r = app.ingestor.receive(data, transfer_syntax=ts, sop_instance_uid=uid, **kw)
+        assert r.status == 0xA700
+        assert indexer.unwritten_bytes == 0 and indexer.journal._pending_bytes == 0
+        assert app.store.query("SELECT count(*) FROM instances")[0][0] == 4
+    finally:
+        app.close()
