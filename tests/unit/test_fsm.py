@@ -153,7 +153,7 @@ def test_artim_expiry_closes(acceptor: Any, state: str) -> None:
     try:
         t0 = time.monotonic()
         assert _answer(c, 5) == "closed"
-        assert 0.5 < time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 > 0.5  # it waited for ARTIM (1 s), then closed
     finally:
         c.close()
 
