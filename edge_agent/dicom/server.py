@@ -280,7 +280,6 @@ class Connection:
         self.assoc: Accepted | None = None
         self._sink: _Sink | None = None
         self.deadline = 0.0  # monotonic time the current read must finish by (0: none)
-        self.phase = ""
         self.expired = False
         self.task: asyncio.Task[Any] | None = None
 
@@ -291,7 +290,7 @@ class Connection:
         raise before the body is read. The header must arrive within ``header_timeout``
         (``TimeoutError``), the body within ``pdu_read_s`` (A-ABORT); both deadlines are
         kept by the server's watchdog rather than a timer per read."""
-        self._arm(header_timeout, "header")
+        self._arm(header_timeout)
         try:
             head = await self.reader.readexactly(6)
         except asyncio.CancelledError:
@@ -313,7 +312,7 @@ class Connection:
             )
         if not length:
             return ptype, head if ptype == pdu.A_ASSOCIATE_RQ else b""
-        self._arm(self.server.limits.pdu_read_s, "body")
+        self._arm(self.server.limits.pdu_read_s)
         try:
             body = await self.reader.readexactly(length)
         except asyncio.CancelledError:
@@ -329,9 +328,8 @@ class Connection:
             self.deadline = 0.0
         return ptype, head + body if ptype == pdu.A_ASSOCIATE_RQ else body
 
-    def _arm(self, seconds: float, phase: str) -> None:
+    def _arm(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
-        self.phase = phase
 
     def _expired(self) -> bool:
         """True if the cancellation being handled is the watchdog's (and clear it)."""
