@@ -121,34 +121,6 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def make_multiframe(path: Path, megabytes: int) -> Path:
-    """One multiframe MR instance of about ``megabytes`` MB of pixel data (512x512x16 bit)."""
-    import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-
-    frame = 512 * 512 * 2
-    frames = max(1, megabytes * 10**6 // frame)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.PatientName, ds.PatientID = "MR", "Bench^Multiframe", "BENCH-MF"
-    ds.Rows = ds.Columns = 512
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    rng = np.random.default_rng(7)
-    ds.PixelData = rng.integers(0, 4096, size=frames * 512 * 512, dtype=np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def durability_cost(folder: Path, rounds: int = 200) -> dict[str, float]:
     """This disk's price of keeping one instance, measured now, in ms per instance: a file
     per instance (write, fsync, rename, folder fsync) and an append to an open journal file
@@ -732,7 +704,7 @@ def print_table(rows: list[dict[str, Any]], datasets: dict[str, DataSet]) -> Non
 
 
 def make_datasets(root: Path, small: int, large: int, multiframe_mb: int = 0) -> dict[str, DataSet]:
-    from edge_agent.samples import make_study
+    from edge_agent.samples import make_multiframe, make_study
 
     specs = [
         ("small", small, "MR", 64),
@@ -752,7 +724,7 @@ def make_datasets(root: Path, small: int, large: int, multiframe_mb: int = 0) ->
         out[name] = DataSet(name, desc, study.files, total)
     if multiframe_mb > 0:
         t0 = time.perf_counter()
-        mf = make_multiframe(root / "multiframe" / "MF_0001.dcm", multiframe_mb)
+        mf = make_multiframe(root / "multiframe" / "MF_0001.dcm", multiframe_mb)  # 512x512
         size = mf.stat().st_size
         desc = f"1 multiframe MR instance of {size / 1e6:.0f} MB"
         print(f"  generated multiframe: {desc} in {time.perf_counter() - t0:.1f} s", flush=True)

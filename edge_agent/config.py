@@ -639,6 +639,14 @@ def _validate_lifecycle(lc: LifecycleConfig) -> None:
         raise ConfigError("lifecycle.maintenance_cron", f"not a crontab line: {exc}") from None
 
 
+def _check_ranges(section: str, values: object, **ranges: tuple[int, int]) -> None:
+    """Each ``name=(lo, hi)``: ``values.name`` must be in lo..hi, else :class:`ConfigError`."""
+    for name, (lo, hi) in ranges.items():
+        v = getattr(values, name)
+        if not lo <= v <= hi:
+            raise ConfigError(f"{section}.{name}", f"must be {lo}..{hi}, got {v}")
+
+
 def validate(cfg: Config) -> None:
     """Check limits and cross-field rules; raise :class:`ConfigError` naming the field."""
     d = cfg.dicom
@@ -667,18 +675,17 @@ def validate(cfg: Config) -> None:
             "dicom.max_pdu_bytes",
             f"must be 4096..{MAX_PDU_BYTES} bytes (or 0 for the most), got {d.max_pdu_bytes}",
         )
-    for name, lo, hi in (
-        ("max_connections", 1, 65536),
-        ("max_connections_per_ip", 1, 65536),
-        ("max_dataset_mb", 1, 65536),
-        ("memory_dataset_kb", 64, 1024 * 1024),
-        ("max_buffered_mb", 1, 65536),
-        ("max_sequence_depth", 1, 256),
-        ("max_inflated_mb", 1, 4096),
-    ):
-        v = getattr(d, name)
-        if not lo <= v <= hi:
-            raise ConfigError(f"dicom.{name}", f"must be {lo}..{hi}, got {v}")
+    _check_ranges(
+        "dicom",
+        d,
+        max_connections=(1, 65536),
+        max_connections_per_ip=(1, 65536),
+        max_dataset_mb=(1, 65536),
+        memory_dataset_kb=(64, 1024 * 1024),
+        max_buffered_mb=(1, 65536),
+        max_sequence_depth=(1, 256),
+        max_inflated_mb=(1, 4096),
+    )
     if not 0 <= d.max_associations_per_ip <= d.max_associations:
         raise ConfigError(
             "dicom.max_associations_per_ip",
@@ -691,14 +698,13 @@ def validate(cfg: Config) -> None:
             f"must be at least dicom.max_associations ({d.max_associations})",
         )
     sc = cfg.storage
-    for name, lo, hi in (
-        ("journal_segment_mb", 4, 4096),
-        ("journal_max_pending_mb", 1, 65536),
-        ("journal_max_record_mb", 1, 1024),
-    ):
-        v = getattr(sc, name)
-        if not lo <= v <= hi:
-            raise ConfigError(f"storage.{name}", f"must be {lo}..{hi}, got {v}")
+    _check_ranges(
+        "storage",
+        sc,
+        journal_segment_mb=(4, 4096),
+        journal_max_pending_mb=(1, 65536),
+        journal_max_record_mb=(1, 1024),
+    )
     if sc.journal_max_record_mb * 2 > sc.journal_segment_mb:
         raise ConfigError(
             "storage.journal_max_record_mb",

@@ -81,8 +81,6 @@ TRANSFER_SYNTAXES = (
     ExplicitVRBigEndian,
 )
 
-ERROR_COMMENT_MAX = 64  # Error Comment (0000,0902) is LO: 64 characters
-
 
 def limits_from(cfg: DicomConfig) -> Limits:
     """The acceptor's limits from the ``[dicom]`` settings."""
@@ -370,4 +368,4 @@ class DicomListener:
             session.refused += 1
         else:
             session.received += 1
-        return result.status, result.comment[:ERROR_COMMENT_MAX]
+        return result.status, result.comment  # dimse.response keeps LO's 64 characters

@@ -114,13 +114,40 @@ def make_study(
             ds.WindowCenter = "40"
             ds.WindowWidth = "400"
         ds.PixelData = pixels.tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-        ds.file_meta = meta
+        ds.file_meta = _file_meta(sop_class, sop_uid)
         path = out_dir / f"{modality}_{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return SampleStudy(study_uid, series_uid, modality, tuple(files))
+
+
+def make_multiframe(path: Path, megabytes: int, *, size: int = 512, seed: str = "mf") -> Path:
+    """One synthetic multiframe MR instance of about ``megabytes`` MB of 16-bit pixel data
+    (``size`` x ``size`` frames), for large-instance tests and benchmarks."""
+    frames = max(1, megabytes * 10**6 // (size * size * 2))
+    sop_uid = seeded_uid(seed, "instance", megabytes)
+    ds = Dataset()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = UID(sop_uid)
+    ds.StudyInstanceUID = UID(seeded_uid(seed, "study"))
+    ds.SeriesInstanceUID = UID(seeded_uid(seed, "series"))
+    ds.Modality, ds.PatientName, ds.PatientID = "MR", "SYNTHETIC^MULTIFRAME", "DEMO-MF"
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big"))
+    ds.PixelData = rng.integers(0, 4096, frames * size * size, dtype=np.uint16).tobytes()
+    ds.file_meta = _file_meta(MRImageStorage, sop_uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    return meta

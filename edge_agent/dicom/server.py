@@ -43,6 +43,7 @@ from pynetdicom.presentation import PresentationContext
 from edge_agent.dicom import dimse, pdu
 from edge_agent.dicom.fsm import Action, Event, State, transition
 from edge_agent.dicom.negotiation import Accepted, Rejected, Request, negotiate
+from edge_agent.store.spool import write_all
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class _Sink:
         ):
             self._spill()
         if self._fd >= 0:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
         else:
             self._chunks.append(data)
             self._buffered += n
@@ -213,9 +214,9 @@ class _Sink:
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         header = self._header()
         self._offset = len(header)
-        _write_all(self._fd, header)
+        write_all(self._fd, header)
         for c in self._chunks:
-            _write_all(self._fd, c)
+            write_all(self._fd, c)
         self._release_memory()
 
     def _release_memory(self) -> None:
@@ -252,13 +253,6 @@ class _Sink:
             if self._path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self._path.unlink()
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class Connection:

@@ -90,10 +90,7 @@ class Spool:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
+                    write_all(fd, chunk)
                 if fsync:
                     os.fsync(fd)
             finally:
@@ -147,6 +144,13 @@ class Spool:
         if not self.objects.is_dir():
             return []
         return sorted(self.objects.glob("??/*.dcm"))
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _holds(path: Path, chunks: tuple[bytes | memoryview, ...]) -> bool:

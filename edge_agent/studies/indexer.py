@@ -11,7 +11,6 @@ acknowledged instance is never dropped) is kept as a quarantine entry with its f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import queue
@@ -20,10 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from edge_agent.clock import Clock
-from edge_agent.errors import InvalidInstance, StoreError
+from edge_agent.errors import InvalidInstance
 from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
 from edge_agent.store.journal import IngestJournal, Position, Record, syncfs
@@ -255,6 +253,7 @@ class Indexer:
         now: float,
     ) -> list[tuple[RecordOutcome | None, bool, int, str]]:
         out: list[tuple[RecordOutcome | None, bool, int, str]] = []
+        known = self._known_associations(conn, {i.association_id for i in batch})
         for i, item in enumerate(batch):
             obj = StoredObject(
                 sha256=item.record.sha256, size_bytes=item.size, tier=self._tier,
@@ -267,7 +266,7 @@ class Indexer:
                     item.info,
                     obj,
                     now=item.received_at,
-                    association_id=self._known_association(conn, item.association_id),
+                    association_id=item.association_id if item.association_id in known else None,
                     calling_ae=item.calling_ae,
                 )
             except Exception as exc:  # see the module docstring
@@ -287,11 +286,17 @@ class Indexer:
         return out
 
     @staticmethod
-    def _known_association(conn: sqlite3.Connection, association_id: str | None) -> str | None:
-        if association_id is None:
-            return None
-        row = conn.execute("SELECT 1 FROM associations WHERE id = ?", (association_id,))
-        return association_id if row.fetchone() else None
+    def _known_associations(conn: sqlite3.Connection, ids: set[str | None]) -> set[str]:
+        """Of ``ids``, those with an audit row (a replayed record may name one that is
+        gone with a crash: its instance is kept without the link)."""
+        wanted = [i for i in ids if i is not None]
+        if not wanted:
+            return set()
+        rows = conn.execute(
+            "SELECT id FROM associations WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(wanted),),
+        )
+        return {str(r[0]) for r in rows}
 
     def _report(self, item: Item, result: tuple[RecordOutcome | None, bool, int, str]) -> None:
         outcome, late, version, error = result
@@ -307,7 +312,8 @@ class Indexer:
         if outcome is RecordOutcome.DUPLICATE:
             if not item.replayed:
                 self._metrics.instances.labels("duplicate").inc()
-            self._drop_unreferenced(item)
+            # a duplicate that raced with its twin: its file goes if no row names it
+            drop_unreferenced(self._store, self._spool, self._tier, item.relpath)
             return
         if late:
             self._metrics.studies_reopened.inc()
@@ -327,16 +333,6 @@ class Indexer:
             )
         if not item.replayed:
             self._metrics.instances.labels(outcome.value).inc()
-
-    def _drop_unreferenced(self, item: Item) -> None:
-        """A duplicate that raced with its twin: remove its file if no row names it."""
-        with contextlib.suppress(Exception), self._store.read() as conn:
-            used = conn.execute(
-                "SELECT 1 FROM instances WHERE tier = ? AND path = ? LIMIT 1",
-                (self._tier, item.relpath),
-            ).fetchone()
-            if used is None:
-                self._spool.locate(item.relpath).unlink(missing_ok=True)
 
     def _finish(self, batch: Iterable[Item]) -> None:
         size = 0
@@ -359,6 +355,20 @@ class Indexer:
                 self._done_set.discard(self._done)
             self._cond.notify_all()
         self.journal.done(size)
+
+
+def drop_unreferenced(store: Store, spool: Spool, tier: str, relpath: str) -> None:
+    """Remove a spool file no instance row names (one written for an instance that was then
+    not recorded). Never raises: crash recovery quarantines what is left."""
+    try:
+        with store.read() as conn:
+            used = conn.execute(
+                "SELECT 1 FROM instances WHERE tier = ? AND path = ? LIMIT 1", (tier, relpath)
+            ).fetchone()
+        if used is None:
+            spool.locate(relpath).unlink(missing_ok=True)
+    except Exception:
+        log.exception("could not remove an unrecorded spool file", extra={"path": relpath})
 
 
 def checkpoint(store: Store) -> tuple[int, int]:
@@ -424,16 +434,3 @@ def _placeholder(meta: dict[str, object]) -> InstanceInfo:
         series_uid="",
         transfer_syntax=str(meta.get("ts", "")),
     )
-
-
-def sha_of(path: Path, skip: int) -> str:
-    """SHA-256 of a file's bytes after its first ``skip`` bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        fh.seek(skip)
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-__all__ = ["Indexer", "Item", "StoreError", "checkpoint", "record_meta", "replay", "sha_of"]

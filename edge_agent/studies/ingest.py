@@ -33,7 +33,8 @@ from edge_agent.errors import InvalidInstance, OutOfResources, StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
 from edge_agent.store.journal import IngestJournal, Record
-from edge_agent.studies.indexer import Indexer, Item, record_meta, replay
+from edge_agent.store.spool import write_all
+from edge_agent.studies.indexer import Indexer, Item, drop_unreferenced, record_meta, replay
 from edge_agent.studies.parse import MAX_DEPTH, MAX_INFLATED_BYTES, InstanceInfo, inspect_dataset
 from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance, sop_versions
 
@@ -257,10 +258,15 @@ class Ingestor:
         free = self._spool.free_bytes()
         if self.indexer is not None:  # journaled instances still to be written to this tier
             free -= self.indexer.unwritten_bytes
-        if free < self.min_free_bytes or free < src.size + SPACE_SLACK_BYTES:
+        if free < self.min_free_bytes:
             raise OutOfResources(
                 f"Out of resources: free space on the hot tier ({free // 2**20} MiB) is below "
                 f"the floor ({self.min_free_bytes // 2**20} MiB)"
+            )
+        if free < src.size + SPACE_SLACK_BYTES:
+            raise OutOfResources(
+                f"Out of resources: the hot tier has {free // 1024} KiB free, the instance "
+                f"needs {(src.size + SPACE_SLACK_BYTES) // 1024} KiB"
             )
         try:
             info = inspect_dataset(
@@ -328,7 +334,7 @@ class Ingestor:
             )
         except BaseException:
             if written.created:  # never acknowledged: leave no file without a row
-                self._drop_unreferenced(written.relpath, written.abspath)
+                drop_unreferenced(self._store, self._spool, self._tier, written.relpath)
             raise
         if recorded.outcome is RecordOutcome.DUPLICATE:  # raced with an identical copy
             return self._duplicate(info, recorded.version, origin)
@@ -400,18 +406,6 @@ class Ingestor:
         self.indexer.submit(item)
         outcome = Outcome.NEW_VERSION if new else Outcome.STORED
         return IngestResult(STATUS_SUCCESS, "", outcome, None, seq=seq)
-
-    def _drop_unreferenced(self, relpath: str, path: Path) -> None:
-        try:
-            with self._store.read() as conn:
-                used = conn.execute(
-                    "SELECT 1 FROM instances WHERE tier = ? AND path = ? LIMIT 1",
-                    (self._tier, relpath),
-                ).fetchone()
-            if used is None:
-                path.unlink(missing_ok=True)
-        except Exception:  # recovery quarantines it at the next start instead
-            log.exception("could not remove an uncommitted spool file", extra={"path": relpath})
 
     def _duplicate(self, info: InstanceInfo, version: int, origin: Origin) -> IngestResult:
         log.info(
@@ -547,9 +541,7 @@ def object_key(sha256: str, transfer_syntax: str) -> str:
 def _write_durably(path: Path, data: bytes | memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

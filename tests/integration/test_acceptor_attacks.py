@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from edge_agent.samples import make_study
+from edge_agent.samples import make_multiframe, make_study
 from tests.conftest import TEST_FILES, make_config, self_signed, split_part10, storescu, wait_until
 from tests.dicom_client import Client, Closed, associate_rq, p_data, pdv
 
@@ -337,30 +337,6 @@ def test_stored_file_is_readable(app_factory: Any) -> None:
     assert back.SOPInstanceUID == ds.SOPInstanceUID
 
 
-def _multiframe(path: Path, megabytes: int) -> Path:
-    import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import UID, generate_uid
-
-    frames = max(1, megabytes * 10**6 // (256 * 256 * 2))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID = "MR", "MF"
-    ds.Rows = ds.Columns = 256
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(1).integers(0, 4096, frames * 65536, np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_large_instance_is_received_into_its_file_with_bounded_memory(
     app_factory: Any, tmp_path: Path
 ) -> None:
@@ -368,7 +344,7 @@ def test_large_instance_is_received_into_its_file_with_bounded_memory(
     into place: memory does not grow with the instance, the file is byte-identical."""
     import hashlib
 
-    src = _multiframe(tmp_path / "mf.dcm", 300)
+    src = make_multiframe(tmp_path / "mf.dcm", 300, size=256)
     app = app_factory()
     before = rss_mb()
     r = storescu(app.listener.port, src)
@@ -382,7 +358,7 @@ def test_large_instance_is_received_into_its_file_with_bounded_memory(
 
 
 def test_dataset_over_the_size_limit_aborts(app_factory: Any, tmp_path: Path) -> None:
-    src = _multiframe(tmp_path / "mf.dcm", 3)
+    src = make_multiframe(tmp_path / "mf.dcm", 3, size=256)
     app = app_factory(make_config(tmp_path, dicom={"max_dataset_mb": 1}))
     r = storescu(app.listener.port, src)
     assert r.returncode != 0

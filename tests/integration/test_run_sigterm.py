@@ -28,6 +28,18 @@ def _echo(port: int) -> int:
     ).returncode
 
 
+def _run_once(cfg: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``edge-agent run`` expected to exit by itself (a startup error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def _stored(db: Path) -> int:
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -159,20 +171,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             )
             == 0
         )
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "edge_agent",
-                "run",
-                "--config",
-                str(tmp_path / "edge-agent.toml"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        r = _run_once(tmp_path / "edge-agent.toml")
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
     assert "Traceback" not in r.stderr
@@ -183,13 +182,7 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("x")
     cfg.write_text(f'[dicom]\nallow_any_caller = true\n[storage]\ndata_dir = "{blocker}/data"\n')
-    r = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    r = _run_once(cfg)
     assert r.returncode == 1
     assert "Not a directory" in r.stderr and "Traceback" not in r.stderr
 
@@ -216,21 +209,7 @@ def test_second_agent_on_the_same_data_folder_touches_nothing(tmp_path: Path) ->
         orphan = hot / "objects" / "ab" / ("ab" + "0" * 62 + ".dcm")
         orphan.write_bytes(b"renamed, not yet committed")
         for extra in ({}, {"EDGE_DICOM_PORT": str(free_port())}):
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "edge_agent",
-                    "run",
-                    "--config",
-                    str(root / "edge-agent.toml"),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
-                env={**os.environ, **extra},
-            )
+            r = _run_once(root / "edge-agent.toml", extra)
             assert r.returncode == 1, r.stderr
             assert f"another edge-agent (pid {first.pid}) is using" in r.stderr
             assert "Traceback" not in r.stderr
