@@ -7,7 +7,10 @@
     ├── TransientError             retry later; nothing is wrong with the input
     │   └── OutOfResources         disk below its floor or full (ENOSPC): DICOM status 0xA700
     ├── PermanentError             the input is bad; retrying will not help: tell a person
-    │   └── InvalidInstance        a C-STORE dataset we cannot accept: status 0xC0xx, quarantined
+    │   ├── InvalidInstance        a C-STORE dataset we cannot accept: status 0xC0xx, quarantined
+    │   ├── InvalidRequest         a value a person or client sent is not acceptable (HTTP 400)
+    │   ├── NotFound               the named record does not exist (HTTP 404)
+    │   └── Conflict               the record's state forbids the change (HTTP 409, with a code)
     ├── UntrustedError             reject and alert (tampered model, bad signature; later issues)
     └── StoreError                 the SQLite store itself is unusable (migration, corruption)
 """
@@ -55,6 +58,23 @@ class InvalidInstance(PermanentError):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class InvalidRequest(PermanentError):
+    """A value a person or a client sent is not acceptable (names what is wrong)."""
+
+
+class NotFound(PermanentError):
+    """The named record does not exist."""
+
+
+class Conflict(PermanentError):
+    """The record's current state forbids the change; ``code`` names the state
+    (``superseded``), so a client can react without parsing the message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class UntrustedError(EdgeError):

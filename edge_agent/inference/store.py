@@ -5,33 +5,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from edge_agent.config import Destination
 from edge_agent.inference.models import Job, JobState
-from edge_agent.results.forward import ResultObject, record_objects
-from edge_agent.results.models import Result, result_payload
-from edge_agent.results.store import insert_result
-from edge_agent.studies.models import StudyState, check_transition
-from edge_agent.sync.outbox import enqueue
-from edge_agent.sync.phi import Pseudonymiser
-from edge_agent.sync.state import save_hlc
-from hub_protocol import HLC, Lane, RecordType
-
-
-def _event(
-    conn: sqlite3.Connection,
-    study_uid: str,
-    now: float,
-    old: StudyState,
-    new: StudyState,
-    reason: str,
-) -> None:
-    check_transition(old, new)
-    conn.execute("UPDATE studies SET state = ? WHERE study_uid = ?", (new.value, study_uid))
-    conn.execute(
-        "INSERT INTO study_events (study_uid, at, from_state, to_state, reason) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (study_uid, now, old.value, new.value, reason),
-    )
+from edge_agent.studies.models import StudyState
+from edge_agent.studies.store import transition
 
 
 def complete_studies(conn: sqlite3.Connection) -> list[tuple[str, int]]:
@@ -61,21 +37,35 @@ def schedule_study(
     if row is None or row[0] != StudyState.COMPLETE.value or int(row[1]) != round_:
         return False
     if not jobs:
-        _event(conn, study_uid, now, StudyState.COMPLETE, StudyState.INFERRING, "no model applies")
-        _event(conn, study_uid, now, StudyState.INFERRING, StudyState.DONE, "no model applies")
+        transition(
+            conn,
+            study_uid,
+            StudyState.COMPLETE,
+            StudyState.INFERRING,
+            now=now,
+            reason="no model applies",
+        )
+        transition(
+            conn,
+            study_uid,
+            StudyState.INFERRING,
+            StudyState.DONE,
+            now=now,
+            reason="no model applies",
+        )
         return True
     conn.executemany(
         "INSERT INTO inference_jobs (study_uid, series_uid, model_name, model_version, state,"
         " round, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [(study_uid, s, m, v, JobState.PENDING.value, round_, now) for s, m, v in jobs],
     )
-    _event(
+    transition(
         conn,
         study_uid,
-        now,
         StudyState.COMPLETE,
         StudyState.INFERRING,
-        f"{len(jobs)} inference job(s)",
+        now=now,
+        reason=f"{len(jobs)} inference job(s)",
     )
     return True
 
@@ -137,83 +127,34 @@ def _maybe_finish_study(conn: sqlite3.Connection, job: Job, now: float) -> None:
         return
     failed = states.count(JobState.FAILED.value)
     if failed:
-        _event(
+        transition(
             conn,
             job.study_uid,
-            now,
             StudyState.INFERRING,
             StudyState.FAILED,
-            f"{failed} of {len(states)} inference job(s) failed",
+            now=now,
+            reason=f"{failed} of {len(states)} inference job(s) failed",
         )
     else:
-        _event(
+        transition(
             conn,
             job.study_uid,
-            now,
             StudyState.INFERRING,
             StudyState.DONE,
-            f"{len(states)} result(s)",
-        )
-
-
-def finish_job(
-    conn: sqlite3.Connection,
-    *,
-    job: Job,
-    result: Result,
-    now: float,
-    objects: Sequence[ResultObject] = (),
-    destinations: Sequence[Destination] = (),
-    hlc: HLC | None = None,
-    max_outbox_bytes: int | None = None,
-    phi: Pseudonymiser | None = None,
-) -> None:
-    """Store the result (superseding the previous one), its DICOM objects and their queued
-    sends, its outbox record for the hub (when ``hlc`` is given), and close the job: all in
-    one transaction. Raises OutOfResources (nothing written) when the outbox is full."""
-    insert_result(conn, result)
-    record_objects(
-        conn, result_id=result.result_id, objects=objects, destinations=destinations, now=now
-    )
-    if hlc is not None:
-        enqueue(
-            conn,
-            key=f"result/{result.result_id}",
-            type=RecordType.RESULT,
-            lane=Lane.URGENT if result.critical else Lane.NORMAL,
-            payload=_hub_payload(conn, result, phi),
-            hlc=hlc,
             now=now,
-            max_pending_bytes=max_outbox_bytes,
+            reason=f"{len(states)} result(s)",
         )
-        save_hlc(conn, hlc)
+
+
+def finish_job(conn: sqlite3.Connection, *, job: Job, result_id: str, now: float) -> None:
+    """Close a RUNNING job as DONE with its result (committed by the caller in the same
+    transaction), and finish its study when it was the round's last job."""
     conn.execute(
         "UPDATE inference_jobs SET state = ?, finished_at = ?, result_id = ? "
         "WHERE id = ? AND state = ?",
-        (JobState.DONE.value, now, result.result_id, job.id, JobState.RUNNING.value),
+        (JobState.DONE.value, now, result_id, job.id, JobState.RUNNING.value),
     )
     _maybe_finish_study(conn, job, now)
-
-
-def _hub_payload(
-    conn: sqlite3.Connection, result: Result, phi: Pseudonymiser | None
-) -> dict[str, object]:
-    """The result plus its study's patient context, pseudonymised when configured."""
-    payload: dict[str, object] = result_payload(result)
-    row = conn.execute(
-        "SELECT patient_id, patient_name, accession_number, modality, "
-        "study_date FROM studies WHERE study_uid = ?",
-        (result.study_uid,),
-    ).fetchone()
-    if row is not None:
-        payload["study"] = {
-            "patient_id": row[0],
-            "patient_name": row[1],
-            "accession_number": row[2],
-            "modality": row[3],
-            "study_date": row[4],
-        }
-    return phi.apply(payload) if phi is not None else payload
 
 
 def fail_job(
@@ -318,13 +259,13 @@ def rerun_on(
             "SELECT state FROM studies WHERE study_uid = ?", (r["study_uid"],)
         ).fetchone()[0]
         if state == StudyState.FAILED.value:
-            _event(
+            transition(
                 conn,
                 r["study_uid"],
-                now,
                 StudyState.FAILED,
                 StudyState.INFERRING,
-                f"re-run on {name} {good} after {bad} was rolled back",
+                now=now,
+                reason=f"re-run on {name} {good} after {bad} was rolled back",
             )
         n += 1
     return n

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ from edge_agent.inference.store import (
 )
 from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics
+from edge_agent.results.commit import commit_result
 from edge_agent.results.dicom import make_seg, make_sr
 from edge_agent.results.forward import ResultObject, write_object
 from edge_agent.results.models import Result, uuid7
@@ -381,19 +383,23 @@ class InferenceWorker:
         return True
 
     def _finish(self, job: Job, result: Result, objects: list[ResultObject]) -> None:
-        self._store.writer.call(
-            partial(
-                finish_job,
-                job=job,
+        now = self._clock.now()
+        hlc = self._hlc.now() if self._hlc is not None else None
+
+        def tx(conn: sqlite3.Connection) -> None:
+            commit_result(
+                conn,
                 result=result,
-                now=self._clock.now(),
+                now=now,
                 objects=objects,
                 destinations=self._cfg.results.destinations,
-                hlc=self._hlc.now() if self._hlc is not None else None,
+                hlc=hlc,
                 max_outbox_bytes=self._cfg.sync.outbox_max_mb * 2**20,
                 phi=self.phi,
             )
-        )
+            finish_job(conn, job=job, result_id=result.result_id, now=now)
+
+        self._store.writer.call(tx)
 
     def _fail(self, job: Job, error: str, *, retry: bool) -> None:
         self._store.writer.call(

@@ -44,7 +44,6 @@ from edge_agent.lifecycle.tiers import ARCHIVED, LOCAL_TIERS, Placement, Tiers
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
 from edge_agent.sync.outbox import enqueue
-from edge_agent.sync.state import save_hlc
 from hub_protocol import HybridClock, Lane, RecordType
 
 log = logging.getLogger(__name__)
@@ -446,7 +445,6 @@ class Lifecycle:
             hlc=hlc,
             now=self._clock.now(),
         )
-        save_hlc(conn, hlc)
 
     # -- restore -------------------------------------------------------------------------
 

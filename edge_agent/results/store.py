@@ -1,4 +1,4 @@
-"""SQL for results: insert (superseding the current one), list."""
+"""SQL for results: insert (superseding the current one), list; reviews of their findings."""
 
 from __future__ import annotations
 
@@ -87,3 +87,30 @@ def list_results(
     sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
     sql += " ORDER BY created_at DESC, result_id DESC LIMIT ?"
     return [_result(r) for r in conn.execute(sql, (*params, limit))]
+
+
+def result_for_review(conn: sqlite3.Connection, result_id: str) -> sqlite3.Row | None:
+    """What a review checks: study_uid, task, findings (JSON), superseded_by."""
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT study_uid, task, findings, superseded_by FROM results WHERE result_id = ?",
+        (result_id,),
+    ).fetchone()
+    return row
+
+
+def insert_review(
+    conn: sqlite3.Connection,
+    *,
+    review_id: str,
+    result_id: str,
+    finding: str,
+    decision: str,
+    comment: str,
+    username: str,
+    now: float,
+) -> None:
+    conn.execute(
+        "INSERT INTO reviews (review_id, result_id, finding, decision, comment, username, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (review_id, result_id, finding, decision, comment, username, now),
+    )

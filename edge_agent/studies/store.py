@@ -7,7 +7,7 @@ import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 
-from edge_agent.studies.models import Study, StudyState, check_transition
+from edge_agent.studies.models import InvalidTransition, Study, StudyState, check_transition
 from edge_agent.studies.parse import InstanceInfo
 
 
@@ -23,6 +23,45 @@ class Recorded:
     instance_id: int | None
     version: int
     late: bool
+
+
+#: What entering a state sets besides ``state``.
+_ENTER: dict[StudyState, str] = {
+    # re-opened by a late arrival: a new round, and the completion it had is void
+    StudyState.RECEIVING: "UPDATE studies SET state = :state, reopen_count = reopen_count + 1, "
+    "completed_at = NULL, completed_reason = NULL WHERE study_uid = :uid",
+    StudyState.COMPLETE: "UPDATE studies SET state = :state, completed_at = :now, "
+    "completed_reason = :reason WHERE study_uid = :uid",
+}
+_SET_STATE = "UPDATE studies SET state = :state WHERE study_uid = :uid"
+
+
+def transition(
+    conn: sqlite3.Connection,
+    study_uid: str,
+    old: StudyState | None,
+    new: StudyState,
+    *,
+    now: float,
+    reason: str,
+) -> None:
+    """The one place a study changes state (inside the writer's transaction): check the
+    transition table, set the state and what entering it resets or stamps, and write the
+    event row. ``old`` None: the study row was just inserted in ``new`` (its first event)."""
+    if old is None:
+        if new is not StudyState.RECEIVING:
+            raise InvalidTransition(f"a study starts in {StudyState.RECEIVING}, not {new}")
+    else:
+        check_transition(old, new)
+        conn.execute(
+            _ENTER.get(new, _SET_STATE),
+            {"state": new.value, "now": now, "reason": reason, "uid": study_uid},
+        )
+    conn.execute(
+        "INSERT INTO study_events (study_uid, at, from_state, to_state, reason) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (study_uid, now, None if old is None else old.value, new.value, reason),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,32 +126,21 @@ def record_instance(
                 info.expected_study_instances,
             ),
         )
-        conn.execute(
-            "INSERT INTO study_events (study_uid, at, from_state, to_state, reason) "
-            "VALUES (?, ?, NULL, ?, 'first instance')",
-            (info.study_uid, now, StudyState.RECEIVING.value),
+        transition(
+            conn, info.study_uid, None, StudyState.RECEIVING, now=now, reason="first instance"
         )
     else:
         state = StudyState(row[0])
         if state is not StudyState.RECEIVING:
             late = True
-            check_transition(state, StudyState.RECEIVING)
-            conn.execute(
-                "UPDATE studies SET state = ?, reopen_count = reopen_count + 1, "
-                "completed_at = NULL, completed_reason = NULL WHERE study_uid = ?",
-                (StudyState.RECEIVING.value, info.study_uid),
-            )
-            conn.execute(
-                "INSERT INTO study_events (study_uid, at, from_state, to_state, reason) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (
-                    info.study_uid,
-                    now,
-                    state.value,
-                    StudyState.RECEIVING.value,
-                    f"late arrival {info.sop_instance_uid}"
-                    + (f" (version {version})" if version > 1 else ""),
-                ),
+            transition(
+                conn,
+                info.study_uid,
+                state,
+                StudyState.RECEIVING,
+                now=now,
+                reason=f"late arrival {info.sop_instance_uid}"
+                + (f" (version {version})" if version > 1 else ""),
             )
     conn.execute(
         """UPDATE studies SET last_received_at = ?,
@@ -200,16 +228,7 @@ def complete_study(
     ).fetchone()
     if row is None or row[0] != StudyState.RECEIVING.value or row[1] != seen_last_received_at:
         return False
-    check_transition(StudyState.RECEIVING, StudyState.COMPLETE)
-    conn.execute(
-        "UPDATE studies SET state = ?, completed_at = ?, completed_reason = ? WHERE study_uid = ?",
-        (StudyState.COMPLETE.value, now, reason, study_uid),
-    )
-    conn.execute(
-        "INSERT INTO study_events (study_uid, at, from_state, to_state, reason) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (study_uid, now, StudyState.RECEIVING.value, StudyState.COMPLETE.value, reason),
-    )
+    transition(conn, study_uid, StudyState.RECEIVING, StudyState.COMPLETE, now=now, reason=reason)
     return True
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.errors import OutOfResources
+from edge_agent.sync.state import save_hlc
 from hub_protocol import HLC, Lane, PushReceipt, ReceiptStatus, Record, RecordType
 
 PENDING, ACKED, DEAD = "PENDING", "ACKED", "DEAD"
@@ -42,7 +43,8 @@ def enqueue(
     base_version: int = 0,
     max_pending_bytes: int | None = None,
 ) -> int:
-    """Append a record inside the caller's transaction; returns its per-lane seq.
+    """Append a record inside the caller's transaction and remember ``hlc`` as the latest
+    handed out (so it never goes back after a restart); returns its per-lane seq.
 
     Raises OutOfResources when the pending bytes would exceed ``max_pending_bytes``.
     """
@@ -67,6 +69,7 @@ def enqueue(
         " state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (lane.value, seq, key, type.value, hlc.encode(), base_version, body, size, PENDING, now),
     )
+    save_hlc(conn, hlc)
     return int(seq)
 
 

@@ -8,26 +8,24 @@ import io
 import json
 import re
 import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from aiohttp import web
 
-from edge_agent.results.models import uuid7
+from edge_agent.results import reviews
+from edge_agent.results.reviews import check_decision, finding_names
 from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
-from edge_agent.sync.outbox import enqueue
-from edge_agent.sync.state import save_hlc
 from edge_agent.web.accounts import AccountError
 from edge_agent.web.app import DEPS, USER, ApiError, WebDeps, audit, require
 from edge_agent.web.images import PRESETS, render, seg_mask
 from edge_agent.web.report import pdf as report_pdf
 from edge_agent.web.report import priors
-from hub_protocol import Lane, RecordType
 
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 STATES = ("RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED")
-DECISIONS = ("accept", "reject", "comment")
 RESULT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -227,7 +225,7 @@ def study_detail(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | N
                 "critical": bool(r["critical"]),
                 "created_at": r["created_at"],
                 "findings": findings,
-                "finding_names": _finding_names(r["task"], findings),
+                "finding_names": finding_names(r["task"], findings),
                 "objects": [
                     {"kind": o[0], "sop_instance_uid": o[1]}
                     for o in conn.execute(
@@ -259,12 +257,6 @@ def study_detail(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | N
         "series": series,
         "results": results,
     }
-
-
-def _finding_names(task: str, findings: dict[str, Any]) -> list[str]:
-    if task == "segmentation":
-        return [str(findings.get("label", "finding"))]
-    return sorted(findings.get("probabilities", {}))
 
 
 async def load_study(request: web.Request) -> dict[str, Any]:
@@ -360,52 +352,19 @@ async def create_review(request: web.Request) -> web.Response:
     body = await _body(request)
     finding = _str(body, "finding", max_len=64)
     decision = _str(body, "decision", max_len=16)
-    if decision not in DECISIONS:
-        raise ApiError(400, "bad_request", f"decision must be one of {', '.join(DECISIONS)}")
+    check_decision(decision)
     comment = _str(body, "comment", max_len=2000, required=decision == "comment")
     deps, user = request.app[DEPS], request[USER]
-    now = deps.clock.now()
-
-    def write(conn: sqlite3.Connection) -> dict[str, Any]:
-        r = conn.execute(
-            "SELECT study_uid, task, findings, superseded_by FROM results WHERE result_id = ?",
-            (rid,),
-        ).fetchone()
-        if r is None:
-            raise ApiError(404, "not_found", "no such result")
-        if r["superseded_by"]:
-            raise ApiError(409, "superseded", "this result was superseded; review the new one")
-        if finding not in _finding_names(r["task"], json.loads(r["findings"])):
-            raise ApiError(400, "bad_request", f"the result has no finding {finding!r}")
-        review = {
-            "review_id": uuid7(now),
-            "result_id": rid,
-            "study_uid": r["study_uid"],
-            "finding": finding,
-            "decision": decision,
-            "comment": comment,
-            "reviewer": user.username,
-            "created_at": now,
-        }
-        conn.execute(
-            "INSERT INTO reviews (review_id, result_id, finding, decision, comment, username, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (review["review_id"], rid, finding, decision, comment, user.username, now),
-        )
-        if deps.hlc is not None:
-            hlc = deps.hlc.now()
-            enqueue(
-                conn,
-                key=f"review/{review['review_id']}",
-                type=RecordType.REVIEW,
-                lane=Lane.NORMAL,
-                payload=review,
-                hlc=hlc,
-                now=now,
-            )
-            save_hlc(conn, hlc)
-        return review
-
+    write = partial(
+        reviews.create_review,
+        result_id=rid,
+        finding=finding,
+        decision=decision,
+        comment=comment,
+        username=user.username,
+        now=deps.clock.now(),
+        hlc=deps.hlc,
+    )
     review = await asyncio.to_thread(deps.store.writer.call, write)
     await audit(request, "review.create", rid, f"{finding}: {decision}")
     if deps.review_hook is not None:

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from edge_agent.clock import Clock
 from edge_agent.config import Config
-from edge_agent.errors import EdgeError
+from edge_agent.errors import Conflict, EdgeError, InvalidRequest, NotFound
 from edge_agent.store import Store
 from edge_agent.sync.client import HttpHubClient
 from edge_agent.web.accounts import Accounts, Session, User
@@ -114,6 +114,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if exc.status < 400:
             raise
         resp = _error(request, exc.status, "http_error", exc.reason)
+    except NotFound as exc:
+        resp = _error(request, 404, "not_found", str(exc))
+    except Conflict as exc:
+        resp = _error(request, 409, exc.code, str(exc))
+    except InvalidRequest as exc:
+        resp = _error(request, 400, "bad_request", str(exc))
     except EdgeError as exc:
         resp = _error(request, 400, type(exc).__name__, str(exc))
     except Exception:

@@ -154,6 +154,22 @@ def test_roles_csrf_reviews_and_audit(
         ):
             r = await client.post(url, json=bad, headers={"X-CSRF-Token": csrf})
             assert r.status == code, bad
+        # domain errors of the review rules answer as HTTP errors with their codes
+        unknown = url.replace(rid, "00000000-0000-7000-8000-000000000000")
+        r = await client.post(unknown, json=review, headers={"X-CSRF-Token": csrf})
+        assert r.status == 404 and (await _json(r))["error"]["code"] == "not_found"
+
+        def supersede(by: str | None) -> None:
+            app.store.writer.call(
+                lambda c: c.execute(
+                    "UPDATE results SET superseded_by = ? WHERE result_id = ?", (by, rid)
+                )
+            )
+
+        supersede("newer")
+        r = await client.post(url, json=review, headers={"X-CSRF-Token": csrf})
+        assert r.status == 409 and (await _json(r))["error"]["code"] == "superseded"
+        supersede(None)
         r = await client.post(
             url,
             data=b"{not json",
