@@ -273,7 +273,9 @@ class EdgeApp:
         """What the web app needs, bound to this agent."""
         up = self.uplink
         return WebDeps(
-            cfg=self.cfg,
+            web=self.cfg.web,
+            data_dir=Path(self.cfg.storage.data_dir),
+            site=self.cfg.dicom.ae_title,
             store=self.store,
             accounts=self.accounts,
             clock=self.clock,

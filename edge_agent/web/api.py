@@ -9,7 +9,6 @@ import json
 import re
 import sqlite3
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -19,7 +18,7 @@ from edge_agent.results import reviews
 from edge_agent.results.reviews import check_decision, finding_names
 from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
 from edge_agent.web.accounts import AccountError
-from edge_agent.web.app import DEPS, USER, ApiError, WebDeps, audit, require
+from edge_agent.web.http import DEPS, USER, ApiError, WebDeps, audit, require
 from edge_agent.web.images import PRESETS, render, seg_mask
 from edge_agent.web.report import pdf as report_pdf
 from edge_agent.web.report import priors
@@ -314,7 +313,7 @@ async def series_image(request: web.Request) -> web.Response:
         ds = pydicom.dcmread(io.BytesIO(deps.read_instance(tier, path)))
         mask = None
         if overlay and seg is not None:
-            mask = seg_mask(Path(deps.cfg.storage.data_dir) / seg[0], sop)
+            mask = seg_mask(deps.data_dir / seg[0], sop)
         return render(ds, preset=preset, mask=mask)
 
     png = await asyncio.to_thread(build)
@@ -335,7 +334,7 @@ async def result_object(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "not_found", "no such object")
     await audit(request, "object.download", f"{rid}/{kind}")
     return web.FileResponse(
-        Path(deps.cfg.storage.data_dir) / row[0][0],
+        deps.data_dir / row[0][0],
         headers={
             "Content-Type": "application/dicom",
             "Content-Disposition": f'attachment; filename="{kind.lower()}-{rid}.dcm"',
@@ -395,7 +394,7 @@ async def study_report_pdf(request: web.Request) -> web.Response:
     """The study's AI report as PDF (same content as the SR, with review status)."""
     detail = await load_study(request)
     uid = detail["study_uid"]
-    site = request.app[DEPS].cfg.dicom.ae_title
+    site = request.app[DEPS].site
     body = await asyncio.to_thread(report_pdf, detail, site=site)
     await audit(request, "report.view", uid, "pdf")
     return web.Response(

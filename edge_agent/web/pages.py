@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from edge_agent.web.accounts import AuthFailed
 from edge_agent.web.api import load_study, node_status_data
-from edge_agent.web.app import (
+from edge_agent.web.http import (
     COOKIE,
     DEPS,
     REQUEST_ID,
@@ -93,7 +93,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     request[USER] = session.user
     await audit(request, "login", session.user.username)
     resp = web.HTTPFound(target)
-    secure = bool(deps.cfg.web.tls_cert)
+    secure = bool(deps.web.tls_cert)
     resp.set_cookie(
         COOKIE,
         token,
@@ -101,7 +101,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=secure,
         samesite="Strict",
         path="/",
-        max_age=int(deps.cfg.web.session_ttl_s),
+        max_age=int(deps.web.session_ttl_s),
     )
     # an old cookie, if any, is replaced: a login never keeps a session id (no fixation)
     raise resp
@@ -120,9 +120,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 @require("radiologist")
 async def worklist(request: web.Request) -> web.Response:
-    return _page(
-        request, "worklist.html", refresh_ms=int(request.app[DEPS].cfg.web.refresh_s * 1000)
-    )
+    return _page(request, "worklist.html", refresh_ms=int(request.app[DEPS].web.refresh_s * 1000))
 
 
 @require("radiologist")

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from edge_agent.inference.reference_models import SEG_NAME
 from edge_agent.samples import make_study
 from edge_agent.web import api
-from edge_agent.web.app import COOKIE
 from edge_agent.web.app import create_app as create_web_app
+from edge_agent.web.http import COOKIE
 from tests.conftest import make_config, storescu
 
 pytestmark = pytest.mark.dcmtk
