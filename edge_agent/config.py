@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from edge_agent.errors import ConfigError
 
@@ -27,6 +27,105 @@ ENV_PREFIX = "EDGE_"
 MAX_PDU_BYTES = 16 * 2**20  # the largest PDU the listener will ever announce or buffer
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The limits of one numeric setting, declared beside it (see :func:`setting`).
+
+    ``lo``/``hi``: inclusive unless ``lo_open``/``hi_open``; ``zero``: 0 is also allowed
+    (it means "auto" or "the most" for that setting); ``unit``: shown in messages and docs.
+    For a list or table setting the bound applies to each value.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    unit: str = ""
+    lo_open: bool = False
+    hi_open: bool = False
+    zero: bool = False
+
+    def check(self, where: str, v: float) -> None:
+        if self.zero and v == 0:
+            return
+        low_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        high_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        if not (low_ok and high_ok):
+            raise ConfigError(where, f"must be {self.describe()}, got {v}")
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else str(x)
+
+        unit = f" {self.unit}" if self.unit else ""
+        zero = " (or 0)" if self.zero else ""
+        if self.lo is not None and self.hi is not None:
+            if self.lo_open or self.hi_open:
+                left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+                return f"in {left}{num(self.lo)}, {num(self.hi)}{right}{unit}{zero}"
+            return f"{num(self.lo)}..{num(self.hi)}{unit}{zero}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}{unit}{zero}"
+        assert self.hi is not None
+        return f"{'<' if self.hi_open else '<='} {num(self.hi)}{unit}{zero}"
+
+
+def setting(
+    default: _T,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    unit: str = "",
+    lo_open: bool = False,
+    hi_open: bool = False,
+    zero: bool = False,
+    required: bool = False,
+    choices: tuple[str, ...] = (),
+) -> _T:
+    """A setting with its default and, in one place, its limits: a numeric :class:`Bound`,
+    ``required`` (a string or list that must not be empty), ``choices`` (the values a string,
+    or each item of a list, may take). :func:`validate` checks them all, naming the field."""
+    meta: dict[str, object] = {"required": required, "choices": choices}
+    if lo is not None or hi is not None:
+        meta["bound"] = Bound(lo, hi, unit, lo_open, hi_open, zero)
+    if isinstance(default, dict):
+        value = dict(default)
+        return field(default_factory=lambda: dict(value), metadata=meta)  # type: ignore[return-value]
+    return field(default=default, metadata=meta)
+
+
+def check_declared(section: object, where: str) -> None:
+    """Check every setting of ``section`` (a config dataclass) against what :func:`setting`
+    declared beside it, then the section's own cross-field rules (its ``check`` method),
+    and the same for each nested section."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        v = getattr(section, f.name)
+        here = _join(where, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            check_declared(v, here)
+            continue
+        if f.metadata.get("required") and not v:
+            raise ConfigError(here, "must not be empty")
+        choices: tuple[str, ...] = f.metadata.get("choices", ())
+        bound: Bound | None = f.metadata.get("bound")
+        if isinstance(v, Mapping):
+            items = [(_join(here, str(k)), x) for k, x in v.items()]
+        elif isinstance(v, tuple):
+            items = [(f"{here}[{i}]", x) for i, x in enumerate(v)]
+        else:
+            items = [(here, v)]
+        for at, x in items:
+            if dataclasses.is_dataclass(x) and not isinstance(x, type):
+                check_declared(x, at)  # a list of tables (destinations, callers)
+                continue
+            if choices and x not in choices:
+                raise ConfigError(at, f"must be one of {', '.join(choices)}, got {x!r}")
+            if bound is not None:
+                bound.check(at, x)
+    check = getattr(section, "check", None)
+    if check is not None:
+        check()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,27 +206,27 @@ class DicomConfig:
 
     ae_title: str = "EDGE_AGENT"
     bind_address: str = "0.0.0.0"
-    port: int = 11112
-    max_associations: int = 16
+    port: int = setting(11112, lo=1, hi=65535)
+    max_associations: int = setting(16, lo=1, hi=256)
     require_called_ae_title: bool = True
     allow_any_caller: bool = False
     allowed_callers: tuple[AllowedCaller, ...] = ()
-    max_associations_per_ip: int = 0
-    max_connections: int = 512
-    max_connections_per_ip: int = 32
-    acse_timeout_s: float = 10.0
-    tls_handshake_timeout_s: float = 10.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
-    pdu_read_timeout_s: float = 30.0
-    max_pdu_bytes: int = 262_144
-    max_dataset_mb: int = 4096
-    memory_dataset_kb: int = 8192
-    max_buffered_mb: int = 256
-    max_sequence_depth: int = 32
-    max_inflated_mb: int = 64
-    shutdown_grace_s: float = 30.0
-    poll_interval_ms: float = 0.2
+    max_associations_per_ip: int = setting(0, lo=0, hi=256)  # and <= max_associations
+    max_connections: int = setting(512, lo=1, hi=65536)
+    max_connections_per_ip: int = setting(32, lo=1, hi=65536)
+    acse_timeout_s: float = setting(10.0, lo=0, hi=3600, lo_open=True, unit="s")
+    tls_handshake_timeout_s: float = setting(10.0, lo=0, hi=3600, lo_open=True, unit="s")
+    dimse_timeout_s: float = setting(60.0, lo=0, hi=3600, lo_open=True, unit="s")
+    network_timeout_s: float = setting(60.0, lo=0, hi=3600, lo_open=True, unit="s")
+    pdu_read_timeout_s: float = setting(30.0, lo=0, hi=3600, lo_open=True, unit="s")
+    max_pdu_bytes: int = setting(262_144, lo=4096, hi=MAX_PDU_BYTES, unit="bytes", zero=True)
+    max_dataset_mb: int = setting(4096, lo=1, hi=65536, unit="MiB")
+    memory_dataset_kb: int = setting(8192, lo=64, hi=1024 * 1024, unit="KiB")
+    max_buffered_mb: int = setting(256, lo=1, hi=65536, unit="MiB")
+    max_sequence_depth: int = setting(32, lo=1, hi=256)
+    max_inflated_mb: int = setting(64, lo=1, hi=4096, unit="MiB")
+    shutdown_grace_s: float = setting(30.0, lo=0, hi=3600, lo_open=True, unit="s")
+    poll_interval_ms: float = setting(0.2, lo=0, unit="ms")  # deprecated, ignored
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     @property
@@ -137,6 +236,54 @@ class DicomConfig:
             return self.max_associations_per_ip
         n = self.max_associations
         return n - max(1, n // 4) if n >= 4 else n
+
+    def check(self) -> None:
+        """The rules between settings (each one's own limits are declared beside it)."""
+        _check_ae("dicom.ae_title", self.ae_title)
+        try:
+            ipaddress.ip_address(self.bind_address)
+        except ValueError:
+            raise ConfigError(
+                "dicom.bind_address", f"not an IP address: {self.bind_address!r}"
+            ) from None
+        if not 0 <= self.max_associations_per_ip <= self.max_associations:
+            raise ConfigError(
+                "dicom.max_associations_per_ip",
+                f"must be 0 (auto) or 1..dicom.max_associations ({self.max_associations}), "
+                f"got {self.max_associations_per_ip}",
+            )
+        if self.max_connections < self.max_associations:
+            raise ConfigError(
+                "dicom.max_connections",
+                f"must be at least dicom.max_associations ({self.max_associations})",
+            )
+        if not self.allowed_callers and not self.allow_any_caller:
+            raise ConfigError(
+                "dicom.allowed_callers",
+                "is empty and dicom.allow_any_caller is false: every association would be rejected",
+            )
+        for i, c in enumerate(self.allowed_callers):
+            _check_ae(f"dicom.allowed_callers[{i}].ae_title", c.ae_title)
+            if c.host:
+                try:
+                    ipaddress.ip_network(c.host, strict=False)
+                except ValueError:
+                    raise ConfigError(
+                        f"dicom.allowed_callers[{i}].host",
+                        f"not an IP address or CIDR: {c.host!r}",
+                    ) from None
+        t = self.tls
+        if t.enabled:
+            for name in ("cert_file", "key_file"):
+                v = getattr(t, name)
+                if not v:
+                    raise ConfigError(
+                        f"dicom.tls.{name}", "required when dicom.tls.enabled is true"
+                    )
+                if not Path(v).is_file():
+                    raise ConfigError(f"dicom.tls.{name}", f"file not found: {v}")
+            if t.ca_file and not Path(t.ca_file).is_file():
+                raise ConfigError("dicom.tls.ca_file", f"file not found: {t.ca_file}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,24 +304,37 @@ class StorageConfig:
     their file).
     """
 
-    data_dir: str = "/var/lib/edge-agent"
-    database: str = "edge.db"
-    hot_dir: str = "hot"
-    warm_dir: str = "warm"
-    cold_dir: str = "cold"
-    quarantine_dir: str = "quarantine"
-    min_free_mb: int = 1024
+    data_dir: str = setting("/var/lib/edge-agent", required=True)
+    database: str = setting("edge.db", required=True)
+    hot_dir: str = setting("hot", required=True)
+    warm_dir: str = setting("warm", required=True)
+    cold_dir: str = setting("cold", required=True)
+    quarantine_dir: str = setting("quarantine", required=True)
+    min_free_mb: int = setting(1024, lo=0, unit="MiB")
     fsync: bool = True
     journal: bool = True
     journal_dir: str = "journal"
-    journal_segment_mb: int = 64
-    journal_max_pending_mb: int = 256
-    journal_max_record_mb: int = 16
+    journal_segment_mb: int = setting(64, lo=4, hi=4096, unit="MiB")
+    journal_max_pending_mb: int = setting(256, lo=1, hi=65536, unit="MiB")
+    journal_max_record_mb: int = setting(16, lo=1, hi=1024, unit="MiB")
 
     def path(self, name: str) -> Path:
         """Resolve one of this section's path settings against ``data_dir``."""
         p = Path(getattr(self, name))
         return p if p.is_absolute() else Path(self.data_dir) / p
+
+    def check(self) -> None:
+        if self.journal_max_record_mb * 2 > self.journal_segment_mb:
+            raise ConfigError(
+                "storage.journal_max_record_mb",
+                f"must be at most half of storage.journal_segment_mb ({self.journal_segment_mb})",
+            )
+        seen: dict[Path, str] = {}
+        for name in ("hot_dir", "warm_dir", "cold_dir", "quarantine_dir"):
+            p = self.path(name).resolve()
+            if p in seen:
+                raise ConfigError(f"storage.{name}", f"is the same folder as storage.{seen[p]}")
+            seen[p] = name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,9 +346,11 @@ class StudiesConfig:
     ``check_interval_s``: how often the assembly worker looks for complete studies.
     """
 
-    quiet_period_s: float = 10.0
-    quiet_period_by_modality: Mapping[str, float] = field(default_factory=dict)
-    check_interval_s: float = 0.5
+    quiet_period_s: float = setting(10.0, lo=0, hi=86400, lo_open=True, unit="s")
+    quiet_period_by_modality: Mapping[str, float] = setting(
+        {}, lo=0, hi=86400, lo_open=True, unit="s"
+    )
+    check_interval_s: float = setting(0.5, lo=0, hi=60, lo_open=True, unit="s")
 
     def quiet_period_for(self, modality: str) -> float:
         """The quiet period in seconds for a study of ``modality``."""
@@ -201,6 +363,10 @@ class LoggingConfig:
 
     level: str = "INFO"
     json: bool = True
+
+    def check(self) -> None:
+        if self.level.upper() not in _LOG_LEVELS:
+            raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,17 +389,25 @@ class InferenceConfig:
     """
 
     enabled: bool = True
-    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
-    device_ids: tuple[int, ...] = (0,)
-    max_batch_size: int = 16
-    intra_op_threads: int = 0
-    models_dir: str = "models"
-    max_attempts: int = 2
-    check_interval_s: float = 0.5
-    rollback_error_rate: float = 0.5
-    rollback_window_jobs: int = 20
-    rollback_min_jobs: int = 5
-    shadow_agreement: float = 0.9
+    providers: tuple[str, ...] = setting(
+        ("tensorrt", "cuda", "cpu"), required=True, choices=("tensorrt", "cuda", "cpu")
+    )
+    device_ids: tuple[int, ...] = setting((0,), required=True, lo=0)
+    max_batch_size: int = setting(16, lo=1, hi=1024)
+    intra_op_threads: int = setting(0, lo=0)
+    models_dir: str = setting("models", required=True)
+    max_attempts: int = setting(2, lo=1, hi=10)
+    check_interval_s: float = setting(0.5, lo=0, hi=60, lo_open=True, unit="s")
+    rollback_error_rate: float = setting(0.5, lo=0, hi=1, hi_open=True)
+    rollback_window_jobs: int = setting(20, lo=1, hi=10000)
+    rollback_min_jobs: int = setting(5, lo=1)
+    shadow_agreement: float = setting(0.9, lo=0, hi=1, lo_open=True)
+
+    def check(self) -> None:
+        if self.rollback_min_jobs > self.rollback_window_jobs:
+            raise ConfigError(
+                "inference.rollback_min_jobs", "must be 1..inference.rollback_window_jobs"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,25 +429,48 @@ class LifecycleConfig:
     """
 
     enabled: bool = True
-    hot_days: float = 7.0
-    warm_days: float = 30.0
-    cold_days: float = 90.0
-    cold_days_by_modality: Mapping[str, float] = field(default_factory=dict)
+    hot_days: float = setting(7.0, lo=0, hi=36500, lo_open=True, unit="days")
+    warm_days: float = setting(30.0, lo=0, hi=36500, lo_open=True, unit="days")
+    cold_days: float = setting(90.0, lo=0, hi=36500, lo_open=True, unit="days")
+    cold_days_by_modality: Mapping[str, float] = setting({}, lo=0, hi=36500, unit="days")
     archive: bool = True
-    keep_days_after_archive: float = 0.0
-    hot_high_watermark: float = 0.85
-    hot_low_watermark: float = 0.75
-    warm_high_watermark: float = 0.90
-    warm_low_watermark: float = 0.80
-    cold_high_watermark: float = 0.95
-    cold_low_watermark: float = 0.85
-    cold_key_file: str = "cold-keys"
-    tier_interval_s: float = 300.0
-    archive_interval_s: float = 600.0
-    integrity_interval_s: float = 3600.0
-    integrity_sample: int = 100
+    keep_days_after_archive: float = setting(0.0, lo=0, hi=36500, unit="days")
+    hot_high_watermark: float = setting(0.85, lo=0, hi=1, lo_open=True)
+    hot_low_watermark: float = setting(0.75, lo=0, hi=1, lo_open=True)
+    warm_high_watermark: float = setting(0.90, lo=0, hi=1, lo_open=True)
+    warm_low_watermark: float = setting(0.80, lo=0, hi=1, lo_open=True)
+    cold_high_watermark: float = setting(0.95, lo=0, hi=1, lo_open=True)
+    cold_low_watermark: float = setting(0.85, lo=0, hi=1, lo_open=True)
+    cold_key_file: str = setting("cold-keys", required=True)
+    tier_interval_s: float = setting(300.0, lo=0, hi=604800, lo_open=True, unit="s")
+    archive_interval_s: float = setting(600.0, lo=0, hi=604800, lo_open=True, unit="s")
+    integrity_interval_s: float = setting(3600.0, lo=0, hi=604800, lo_open=True, unit="s")
+    integrity_sample: int = setting(100, lo=0, hi=100000)
     maintenance_cron: str = "30 3 * * *"
-    batch_instances: int = 2000
+    batch_instances: int = setting(2000, lo=1, hi=1000000)
+
+    def check(self) -> None:
+        if not self.hot_days <= self.warm_days <= self.cold_days:
+            raise ConfigError(
+                "lifecycle.hot_days", "must be > 0 and hot_days <= warm_days <= cold_days (days)"
+            )
+        for mod, v in self.cold_days_by_modality.items():
+            if v < self.warm_days:
+                raise ConfigError(f"lifecycle.cold_days_by_modality.{mod}", "must be >= warm_days")
+        for tier in ("hot", "warm", "cold"):
+            hi = getattr(self, f"{tier}_high_watermark")
+            lo = getattr(self, f"{tier}_low_watermark")
+            if not 0 < lo < hi <= 1:
+                raise ConfigError(
+                    f"lifecycle.{tier}_low_watermark",
+                    f"must be > 0 and < {tier}_high_watermark <= 1",
+                )
+        try:
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(self.maintenance_cron, timezone="UTC")
+        except ValueError as exc:
+            raise ConfigError("lifecycle.maintenance_cron", f"not a crontab line: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,13 +485,17 @@ class WebConfig:
 
     enabled: bool = True
     bind_address: str = "0.0.0.0"
-    port: int = 8080
+    port: int = setting(8080, lo=0, hi=65535)
     tls_cert: str = ""
     tls_key: str = ""
-    session_ttl_s: float = 28800.0
-    lockout_attempts: int = 5
-    lockout_s: float = 900.0
-    refresh_s: float = 5.0
+    session_ttl_s: float = setting(28800.0, lo=60, hi=7 * 86400, unit="s")
+    lockout_attempts: int = setting(5, lo=1, hi=100)
+    lockout_s: float = setting(900.0, lo=1, hi=86400, unit="s")
+    refresh_s: float = setting(5.0, lo=0.5, hi=3600, unit="s")
+
+    def check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("web.tls_cert", "web.tls_cert and web.tls_key go together")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,8 +503,8 @@ class Destination:
     """A DICOM destination (PACS) results are sent to: ``ae_title`` at ``host``:``port``."""
 
     ae_title: str
-    host: str
-    port: int = 104
+    host: str = setting("", required=True)
+    port: int = setting(104, lo=1, hi=65535)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -323,10 +524,19 @@ class ResultsConfig:
     dicom_outputs: bool = True
     destinations: tuple[Destination, ...] = ()
     calling_ae_title: str = "EDGE_AGENT"
-    max_attempts: int = 8
-    retry_initial_s: float = 5.0
-    retry_max_s: float = 300.0
-    check_interval_s: float = 1.0
+    max_attempts: int = setting(8, lo=1, hi=100)
+    retry_initial_s: float = setting(5.0, lo=0, lo_open=True, unit="s")
+    retry_max_s: float = setting(300.0, hi=86400, unit="s")
+    check_interval_s: float = setting(1.0, lo=0, hi=60, lo_open=True, unit="s")
+
+    def check(self) -> None:
+        _check_ae("results.calling_ae_title", self.calling_ae_title)
+        for i, dest in enumerate(self.destinations):
+            _check_ae(f"results.destinations[{i}].ae_title", dest.ae_title)
+        if self.retry_initial_s > self.retry_max_s:
+            raise ConfigError(
+                "results.retry_initial_s", "must be > 0 and <= results.retry_max_s (<= 86400 s)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,13 +557,13 @@ class SyncConfig:
     """
 
     node_id: str = "edge"
-    outbox_max_mb: int = 2048
-    credential_file: str = "sync-credential.json"
-    batch_max_records: int = 500
-    batch_max_kb: int = 4096
-    retry_initial_s: float = 1.0
-    retry_max_s: float = 300.0
-    heartbeat_interval_s: float = 60.0
+    outbox_max_mb: int = setting(2048, lo=1, hi=1024 * 1024, unit="MiB")
+    credential_file: str = setting("sync-credential.json", required=True)
+    batch_max_records: int = setting(500, lo=1, hi=10000)
+    batch_max_kb: int = setting(4096, lo=1, hi=64 * 1024, unit="KiB")
+    retry_initial_s: float = setting(1.0, lo=0, lo_open=True, unit="s")
+    retry_max_s: float = setting(300.0, hi=3600, unit="s")
+    heartbeat_interval_s: float = setting(60.0, lo=1, hi=86400, unit="s")
     pseudonymise: bool = True
     pseudonymise_fields: tuple[str, ...] = (
         "patient_id",
@@ -361,10 +571,23 @@ class SyncConfig:
         "patient_birth_date",
         "accession_number",
     )
-    secret_file: str = "site-secret.key"  # noqa: S105 - a file name, not a secret
+    secret_file: str = setting("site-secret.key", required=True)  # a file name, not a secret
     hub_ca_file: str = ""
     trusted_keys: tuple[str, ...] = ()
-    release_threshold: int = 1
+    release_threshold: int = setting(1, lo=1)
+
+    def check(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.node_id):
+            raise ConfigError("sync.node_id", "1-64 letters, digits, '.', '_' or '-'")
+        if self.retry_initial_s > self.retry_max_s:
+            raise ConfigError("sync.retry_initial_s", "must be > 0 and <= sync.retry_max_s <= 3600")
+        if self.hub_ca_file and not Path(self.hub_ca_file).is_file():
+            raise ConfigError("sync.hub_ca_file", f"file not found: {self.hub_ca_file}")
+        for i, k in enumerate(self.trusted_keys):
+            if not Path(k).is_file():
+                raise ConfigError(f"sync.trusted_keys[{i}]", f"file not found: {k}")
+        if self.release_threshold > max(len(self.trusted_keys), 1):
+            raise ConfigError("sync.release_threshold", "must be 1..number of sync.trusted_keys")
 
     def secret_path(self, data_dir: str) -> Path:
         p = Path(self.secret_file)
@@ -606,252 +829,10 @@ def _callers(value: Any, where: str) -> tuple[AllowedCaller, ...]:
 # Validation
 
 
-def _validate_lifecycle(lc: LifecycleConfig) -> None:
-    if not 0 < lc.hot_days <= lc.warm_days <= lc.cold_days <= 36500:
-        raise ConfigError(
-            "lifecycle.hot_days", "must be > 0 and hot_days <= warm_days <= cold_days (days)"
-        )
-    for mod, v in lc.cold_days_by_modality.items():
-        if not lc.warm_days <= v <= 36500:
-            raise ConfigError(f"lifecycle.cold_days_by_modality.{mod}", "must be >= warm_days")
-    if not 0 <= lc.keep_days_after_archive <= 36500:
-        raise ConfigError("lifecycle.keep_days_after_archive", "must be 0..36500 days")
-    for tier in ("hot", "warm", "cold"):
-        hi, lo = getattr(lc, f"{tier}_high_watermark"), getattr(lc, f"{tier}_low_watermark")
-        if not 0 < lo < hi <= 1:
-            raise ConfigError(
-                f"lifecycle.{tier}_low_watermark", f"must be > 0 and < {tier}_high_watermark <= 1"
-            )
-    if not lc.cold_key_file:
-        raise ConfigError("lifecycle.cold_key_file", "must not be empty")
-    for name in ("tier_interval_s", "archive_interval_s", "integrity_interval_s"):
-        if not 0 < getattr(lc, name) <= 86400 * 7:
-            raise ConfigError(f"lifecycle.{name}", "must be in (0, 604800] seconds")
-    if not 0 <= lc.integrity_sample <= 100000:
-        raise ConfigError("lifecycle.integrity_sample", "must be 0..100000")
-    if not 1 <= lc.batch_instances <= 1000000:
-        raise ConfigError("lifecycle.batch_instances", "must be 1..1000000")
-    try:
-        from apscheduler.triggers.cron import CronTrigger
-
-        CronTrigger.from_crontab(lc.maintenance_cron, timezone="UTC")
-    except ValueError as exc:
-        raise ConfigError("lifecycle.maintenance_cron", f"not a crontab line: {exc}") from None
-
-
-def _check_ranges(section: str, values: object, **ranges: tuple[int, int]) -> None:
-    """Each ``name=(lo, hi)``: ``values.name`` must be in lo..hi, else :class:`ConfigError`."""
-    for name, (lo, hi) in ranges.items():
-        v = getattr(values, name)
-        if not lo <= v <= hi:
-            raise ConfigError(f"{section}.{name}", f"must be {lo}..{hi}, got {v}")
-
-
 def validate(cfg: Config) -> None:
-    """Check limits and cross-field rules; raise :class:`ConfigError` naming the field."""
-    d = cfg.dicom
-    _check_ae("dicom.ae_title", d.ae_title)
-    if not 1 <= d.port <= 65535:
-        raise ConfigError("dicom.port", f"must be 1..65535, got {d.port}")
-    try:
-        ipaddress.ip_address(d.bind_address)
-    except ValueError:
-        raise ConfigError("dicom.bind_address", f"not an IP address: {d.bind_address!r}") from None
-    if not 1 <= d.max_associations <= 256:
-        raise ConfigError("dicom.max_associations", f"must be 1..256, got {d.max_associations}")
-    for name in (
-        "acse_timeout_s",
-        "tls_handshake_timeout_s",
-        "dimse_timeout_s",
-        "network_timeout_s",
-        "pdu_read_timeout_s",
-        "shutdown_grace_s",
-    ):
-        v = getattr(d, name)
-        if not 0 < v <= 3600:
-            raise ConfigError(f"dicom.{name}", f"must be in (0, 3600] seconds, got {v}")
-    if d.max_pdu_bytes != 0 and not 4096 <= d.max_pdu_bytes <= MAX_PDU_BYTES:
-        raise ConfigError(
-            "dicom.max_pdu_bytes",
-            f"must be 4096..{MAX_PDU_BYTES} bytes (or 0 for the most), got {d.max_pdu_bytes}",
-        )
-    _check_ranges(
-        "dicom",
-        d,
-        max_connections=(1, 65536),
-        max_connections_per_ip=(1, 65536),
-        max_dataset_mb=(1, 65536),
-        memory_dataset_kb=(64, 1024 * 1024),
-        max_buffered_mb=(1, 65536),
-        max_sequence_depth=(1, 256),
-        max_inflated_mb=(1, 4096),
-    )
-    if not 0 <= d.max_associations_per_ip <= d.max_associations:
-        raise ConfigError(
-            "dicom.max_associations_per_ip",
-            f"must be 0 (auto) or 1..dicom.max_associations ({d.max_associations}), "
-            f"got {d.max_associations_per_ip}",
-        )
-    if d.max_connections < d.max_associations:
-        raise ConfigError(
-            "dicom.max_connections",
-            f"must be at least dicom.max_associations ({d.max_associations})",
-        )
-    sc = cfg.storage
-    _check_ranges(
-        "storage",
-        sc,
-        journal_segment_mb=(4, 4096),
-        journal_max_pending_mb=(1, 65536),
-        journal_max_record_mb=(1, 1024),
-    )
-    if sc.journal_max_record_mb * 2 > sc.journal_segment_mb:
-        raise ConfigError(
-            "storage.journal_max_record_mb",
-            f"must be at most half of storage.journal_segment_mb ({sc.journal_segment_mb})",
-        )
-    if not d.allowed_callers and not d.allow_any_caller:
-        raise ConfigError(
-            "dicom.allowed_callers",
-            "is empty and dicom.allow_any_caller is false: every association would be rejected",
-        )
-    for i, c in enumerate(d.allowed_callers):
-        _check_ae(f"dicom.allowed_callers[{i}].ae_title", c.ae_title)
-        if c.host:
-            try:
-                ipaddress.ip_network(c.host, strict=False)
-            except ValueError:
-                raise ConfigError(
-                    f"dicom.allowed_callers[{i}].host", f"not an IP address or CIDR: {c.host!r}"
-                ) from None
-    if d.tls.enabled:
-        for name in ("cert_file", "key_file"):
-            v = getattr(d.tls, name)
-            if not v:
-                raise ConfigError(f"dicom.tls.{name}", "required when dicom.tls.enabled is true")
-            if not Path(v).is_file():
-                raise ConfigError(f"dicom.tls.{name}", f"file not found: {v}")
-        if d.tls.ca_file and not Path(d.tls.ca_file).is_file():
-            raise ConfigError("dicom.tls.ca_file", f"file not found: {d.tls.ca_file}")
-
-    s = cfg.storage
-    if not s.data_dir:
-        raise ConfigError("storage.data_dir", "must not be empty")
-    for name in ("database", "hot_dir", "warm_dir", "cold_dir", "quarantine_dir"):
-        if not getattr(s, name):
-            raise ConfigError(f"storage.{name}", "must not be empty")
-    tiers = {name: s.path(name).resolve() for name in ("hot_dir", "warm_dir", "cold_dir")}
-    tiers["quarantine_dir"] = s.path("quarantine_dir").resolve()
-    seen: dict[Path, str] = {}
-    for name, p in tiers.items():
-        if p in seen:
-            raise ConfigError(f"storage.{name}", f"is the same folder as storage.{seen[p]}")
-        seen[p] = name
-    if s.min_free_mb < 0:
-        raise ConfigError("storage.min_free_mb", f"must be >= 0 MiB, got {s.min_free_mb}")
-
-    st = cfg.studies
-    if not 0 < st.quiet_period_s <= 86400:
-        raise ConfigError(
-            "studies.quiet_period_s", f"must be in (0, 86400] s, got {st.quiet_period_s}"
-        )
-    for mod, v in st.quiet_period_by_modality.items():
-        if not 0 < v <= 86400:
-            raise ConfigError(f"studies.quiet_period_by_modality.{mod}", "must be in (0, 86400] s")
-    if not 0 < st.check_interval_s <= 60:
-        raise ConfigError("studies.check_interval_s", "must be in (0, 60] seconds")
-
-    inf = cfg.inference
-    if not inf.providers:
-        raise ConfigError("inference.providers", "must list at least one provider")
-    for i, name in enumerate(inf.providers):
-        if name not in ("tensorrt", "cuda", "cpu"):
-            raise ConfigError(
-                f"inference.providers[{i}]", f"unknown provider {name!r} (tensorrt, cuda, cpu)"
-            )
-    if not inf.device_ids or any(d < 0 for d in inf.device_ids):
-        raise ConfigError("inference.device_ids", "must list GPU ids >= 0")
-    if not 1 <= inf.max_batch_size <= 1024:
-        raise ConfigError("inference.max_batch_size", "must be 1..1024")
-    if inf.intra_op_threads < 0:
-        raise ConfigError("inference.intra_op_threads", "must be >= 0")
-    if not inf.models_dir:
-        raise ConfigError("inference.models_dir", "must not be empty")
-    if not 1 <= inf.max_attempts <= 10:
-        raise ConfigError("inference.max_attempts", "must be 1..10")
-    if not 0 < inf.check_interval_s <= 60:
-        raise ConfigError("inference.check_interval_s", "must be in (0, 60] seconds")
-    if not 0 <= inf.rollback_error_rate < 1:
-        raise ConfigError("inference.rollback_error_rate", "must be in [0, 1)")
-    if not 1 <= inf.rollback_window_jobs <= 10000:
-        raise ConfigError("inference.rollback_window_jobs", "must be 1..10000")
-    if not 1 <= inf.rollback_min_jobs <= inf.rollback_window_jobs:
-        raise ConfigError(
-            "inference.rollback_min_jobs", "must be 1..inference.rollback_window_jobs"
-        )
-    if not 0 < inf.shadow_agreement <= 1:
-        raise ConfigError("inference.shadow_agreement", "must be in (0, 1]")
-    _validate_lifecycle(cfg.lifecycle)
-    w = cfg.web
-    if not 0 <= w.port <= 65535:
-        raise ConfigError("web.port", f"must be 0..65535, got {w.port}")
-    if bool(w.tls_cert) != bool(w.tls_key):
-        raise ConfigError("web.tls_cert", "web.tls_cert and web.tls_key go together")
-    if not 60 <= w.session_ttl_s <= 7 * 86400:
-        raise ConfigError("web.session_ttl_s", "must be 60..604800 seconds")
-    if not 1 <= w.lockout_attempts <= 100:
-        raise ConfigError("web.lockout_attempts", "must be 1..100")
-    if not 1 <= w.lockout_s <= 86400:
-        raise ConfigError("web.lockout_s", "must be 1..86400 seconds")
-    if not 0.5 <= w.refresh_s <= 3600:
-        raise ConfigError("web.refresh_s", "must be 0.5..3600 seconds")
-
-    res = cfg.results
-    _check_ae("results.calling_ae_title", res.calling_ae_title)
-    for i, dest in enumerate(res.destinations):
-        _check_ae(f"results.destinations[{i}].ae_title", dest.ae_title)
-        if not dest.host:
-            raise ConfigError(f"results.destinations[{i}].host", "must not be empty")
-        if not 1 <= dest.port <= 65535:
-            raise ConfigError(
-                f"results.destinations[{i}].port", f"must be 1..65535, got {dest.port}"
-            )
-    if not 1 <= res.max_attempts <= 100:
-        raise ConfigError("results.max_attempts", "must be 1..100")
-    if not 0 < res.retry_initial_s <= res.retry_max_s <= 86400:
-        raise ConfigError(
-            "results.retry_initial_s", "must be > 0 and <= results.retry_max_s (<= 86400 s)"
-        )
-    if not 0 < res.check_interval_s <= 60:
-        raise ConfigError("results.check_interval_s", "must be in (0, 60] seconds")
-
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cfg.sync.node_id):
-        raise ConfigError("sync.node_id", "1-64 letters, digits, '.', '_' or '-'")
-    sy = cfg.sync
-    if not 1 <= sy.outbox_max_mb <= 1024 * 1024:
-        raise ConfigError("sync.outbox_max_mb", "must be 1..1048576 MiB")
-    if not sy.credential_file:
-        raise ConfigError("sync.credential_file", "must not be empty")
-    if not 1 <= sy.batch_max_records <= 10000:
-        raise ConfigError("sync.batch_max_records", "must be 1..10000")
-    if not 1 <= sy.batch_max_kb <= 64 * 1024:
-        raise ConfigError("sync.batch_max_kb", "must be 1..65536 KiB")
-    if not 0 < sy.retry_initial_s <= sy.retry_max_s <= 3600:
-        raise ConfigError("sync.retry_initial_s", "must be > 0 and <= sync.retry_max_s <= 3600")
-    if sy.hub_ca_file and not Path(sy.hub_ca_file).is_file():
-        raise ConfigError("sync.hub_ca_file", f"file not found: {sy.hub_ca_file}")
-    for i, k in enumerate(sy.trusted_keys):
-        if not Path(k).is_file():
-            raise ConfigError(f"sync.trusted_keys[{i}]", f"file not found: {k}")
-    if not 1 <= sy.release_threshold <= max(len(sy.trusted_keys), 1):
-        raise ConfigError("sync.release_threshold", "must be 1..number of sync.trusted_keys")
-    if not sy.secret_file:
-        raise ConfigError("sync.secret_file", "must not be empty")
-    if not 1 <= sy.heartbeat_interval_s <= 86400:
-        raise ConfigError("sync.heartbeat_interval_s", "must be 1..86400 s")
-
-    if cfg.logging.level.upper() not in _LOG_LEVELS:
-        raise ConfigError("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    """Check every setting against the limits declared beside it, then each section's
+    cross-field rules; raise :class:`ConfigError` naming the field."""
+    check_declared(cfg, "")
 
 
 def _check_ae(where: str, value: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -669,3 +671,40 @@ def test_associations_per_ip_keeps_a_slot_for_others(
 
     d = DicomConfig(max_associations=slots, max_associations_per_ip=per_ip)
     assert d.associations_per_ip == expected
+
+
+def test_every_numeric_setting_declares_its_limits_beside_it() -> None:
+    """Limits live in one place, next to the default (``setting(...)``), so validation and
+    the default cannot drift apart; and every declared limit is enforced by validate()."""
+    import typing
+
+    from edge_agent.config import Destination, validate
+
+    numeric = (int, float, tuple[int, ...], typing.Mapping[str, float])
+
+    def walk(cls: type[Any], where: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        missing = []
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                missing += walk(t, f"{where}{f.name}.")  # type: ignore[arg-type]
+            elif t in numeric and "bound" not in f.metadata:
+                missing.append(where + f.name)
+        return missing
+
+    assert walk(Config, "") + walk(Destination, "destination.") == []
+    # and each bound is enforced: one past the upper limit of a few is refused by name
+    base = Config(dicom=DicomConfig(allowed_callers=(AllowedCaller(ae_title="A"),)))
+    for section, name, bad in (
+        ("dicom", "max_sequence_depth", 257),
+        ("storage", "journal_max_pending_mb", 0),
+        ("web", "refresh_s", 0.1),
+        ("lifecycle", "hot_low_watermark", 0.0),
+    ):
+        cfg = dataclasses.replace(
+            base, **{section: dataclasses.replace(getattr(base, section), **{name: bad})}
+        )
+        with pytest.raises(ConfigError) as info:
+            validate(cfg)
+        assert info.value.field == f"{section}.{name}"
