@@ -15,13 +15,13 @@ import pydicom
 from aiohttp import web
 
 from edge_agent.results import reviews
-from edge_agent.results.reviews import check_decision, finding_names
+from edge_agent.results.reviews import check_decision
 from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
+from edge_agent.web import queries
 from edge_agent.web.accounts import AccountError
 from edge_agent.web.http import DEPS, USER, ApiError, WebDeps, audit, require
 from edge_agent.web.images import PRESETS, render, seg_mask
 from edge_agent.web.report import pdf as report_pdf
-from edge_agent.web.report import priors
 
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 STATES = ("RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED")
@@ -74,49 +74,6 @@ def _str(body: dict[str, Any], name: str, *, max_len: int = 200, required: bool 
 
 # -- worklist and studies -------------------------------------------------------------------
 
-_FILTER = """
-  (:q = '' OR s.patient_name LIKE :pat ESCAPE '\\' OR s.patient_id LIKE :pat ESCAPE '\\'
-   OR s.accession_number LIKE :pat ESCAPE '\\' OR s.study_uid LIKE :pat ESCAPE '\\')
-  AND (:state = '' OR s.state = :state)
-  AND (:modality = '' OR s.modality = :modality)
-  AND (:critical < 0 OR (s.study_uid IN crit) = :critical)
-"""
-
-# The page is chosen on cheap columns first (critical = member of a small indexed set), then
-# the per-study counts are computed for the rows of that page only.
-WORKLIST_SQL = (
-    """
-WITH crit AS (SELECT study_uid FROM results WHERE critical = 1 AND superseded_by IS NULL),
-page AS (
-  SELECT s.study_uid, s.patient_name, s.patient_id, s.accession_number, s.modality,
-         s.study_date, s.description, s.state, s.last_received_at, s.instance_count,
-         (s.study_uid IN crit) AS critical
-  FROM studies s WHERE"""
-    + _FILTER
-    + """
-  ORDER BY critical DESC, s.last_received_at DESC LIMIT :limit OFFSET :offset
-)
-SELECT page.*,
-  (SELECT count(*) FROM results r WHERE r.study_uid = page.study_uid
-    AND r.superseded_by IS NULL) AS results,
-  (SELECT count(*) FROM reviews v JOIN results r USING (result_id)
-    WHERE r.study_uid = page.study_uid AND r.superseded_by IS NULL) AS reviews
-FROM page ORDER BY critical DESC, last_received_at DESC
-"""
-)
-
-COUNT_SQL = (
-    """
-WITH crit AS (SELECT study_uid FROM results WHERE critical = 1 AND superseded_by IS NULL)
-SELECT count(*) FROM studies s WHERE"""
-    + _FILTER
-)
-
-
-def _like(q: str) -> str:
-    """A LIKE pattern matching ``q`` anywhere, its own % and _ taken literally."""
-    return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
 
 def _ai_status(row: sqlite3.Row) -> str:
     state = row["state"]
@@ -136,7 +93,7 @@ async def list_studies(request: web.Request) -> web.Response:
     q = request.query.get("q", "")[:100]
     params: dict[str, str | int] = {
         "q": q,
-        "pat": _like(q),
+        "pat": queries.like(q),
         "state": _choice(request, "state", STATES),
         "modality": request.query.get("modality", "")[:16].upper(),
     }
@@ -146,9 +103,7 @@ async def list_studies(request: web.Request) -> web.Response:
 
     def query() -> tuple[list[sqlite3.Row], int]:
         with deps.store.read() as conn:
-            rows = conn.execute(WORKLIST_SQL, {**params, "limit": limit, "offset": offset})
-            (total,) = conn.execute(COUNT_SQL, params).fetchone()
-            return rows.fetchall(), int(total)
+            return queries.worklist(conn, params, limit=limit, offset=offset)
 
     rows, total = await asyncio.to_thread(query)
     return web.json_response(
@@ -177,87 +132,6 @@ async def list_studies(request: web.Request) -> web.Response:
     )
 
 
-def study_detail(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | None:
-    """Everything the study page shows (shared by the API and the page)."""
-    s = conn.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-    if s is None:
-        return None
-    series = []
-    for se in conn.execute(
-        "SELECT * FROM series WHERE study_uid = ? ORDER BY series_number", (study_uid,)
-    ):
-        instances = [
-            {"sop_instance_uid": r[0], "tier": r[1]}
-            for r in conn.execute(
-                "SELECT i.sop_instance_uid, i.tier FROM instances i WHERE i.series_uid = ? AND "
-                "i.version = (SELECT max(version) FROM instances j WHERE j.sop_instance_uid = "
-                "i.sop_instance_uid) ORDER BY CAST(i.instance_number AS INTEGER), i.id",
-                (se["series_uid"],),
-            )
-        ]
-        series.append(
-            {
-                "series_uid": se["series_uid"],
-                "modality": se["modality"],
-                "series_number": se["series_number"],
-                "description": se["description"],
-                "body_part": se["body_part"],
-                "instances": instances,
-            }
-        )
-    results = []
-    for r in conn.execute(
-        "SELECT * FROM results WHERE study_uid = ? AND superseded_by IS NULL "
-        "ORDER BY model_name, created_at",
-        (study_uid,),
-    ):
-        findings = json.loads(r["findings"])
-        results.append(
-            {
-                "result_id": r["result_id"],
-                "series_uid": r["series_uid"],
-                "model_name": r["model_name"],
-                "model_version": r["model_version"],
-                "model_sha256": r["model_sha256"],
-                "provider": r["provider"],
-                "task": r["task"],
-                "critical": bool(r["critical"]),
-                "created_at": r["created_at"],
-                "findings": findings,
-                "finding_names": finding_names(r["task"], findings),
-                "objects": [
-                    {"kind": o[0], "sop_instance_uid": o[1]}
-                    for o in conn.execute(
-                        "SELECT kind, sop_instance_uid FROM result_objects WHERE result_id = ?",
-                        (r["result_id"],),
-                    )
-                ],
-                "reviews": [
-                    dict(v)
-                    for v in conn.execute(
-                        "SELECT review_id, finding, decision, comment, username, created_at "
-                        "FROM reviews WHERE result_id = ? ORDER BY created_at",
-                        (r["result_id"],),
-                    )
-                ],
-            }
-        )
-    return {
-        "study_uid": s["study_uid"],
-        "patient_name": s["patient_name"],
-        "patient_id": s["patient_id"],
-        "accession_number": s["accession_number"],
-        "study_date": s["study_date"],
-        "description": s["description"],
-        "modality": s["modality"],
-        "state": s["state"],
-        "received_at": s["last_received_at"],
-        "instances": s["instance_count"],
-        "series": series,
-        "results": results,
-    }
-
-
 async def load_study(request: web.Request) -> dict[str, Any]:
     """The ``study_uid`` of the path, in full (404 if unknown); off the event loop."""
     uid = _uid(request, "study_uid")
@@ -265,7 +139,7 @@ async def load_study(request: web.Request) -> dict[str, Any]:
 
     def query() -> dict[str, Any] | None:
         with deps.store.read() as conn:
-            return study_detail(conn, uid)
+            return queries.study_detail(conn, uid)
 
     detail = await asyncio.to_thread(query)
     if detail is None:
@@ -292,28 +166,17 @@ async def series_image(request: web.Request) -> web.Response:
 
     def build() -> bytes:
         with deps.store.read() as conn:
-            rows = conn.execute(
-                "SELECT i.sop_instance_uid, i.tier, i.path, i.study_uid FROM instances i WHERE "
-                "i.series_uid = ? AND i.version = (SELECT max(version) FROM instances j WHERE "
-                "j.sop_instance_uid = i.sop_instance_uid) "
-                "ORDER BY CAST(i.instance_number AS INTEGER), i.id",
-                (series_uid,),
-            ).fetchall()
-            seg = conn.execute(
-                "SELECT o.path FROM results r JOIN result_objects o USING (result_id) WHERE "
-                "r.series_uid = ? AND r.superseded_by IS NULL AND o.kind = 'SEG' "
-                "ORDER BY r.created_at DESC LIMIT 1",
-                (series_uid,),
-            ).fetchone()
+            rows = queries.series_slices(conn, series_uid)
+            seg = queries.current_seg_path(conn, series_uid)
         if not rows:
             raise ApiError(404, "not_found", "no such series")
         if index >= len(rows):
             raise ApiError(400, "bad_request", f"index must be 0..{len(rows) - 1}")
-        sop, tier, path, _ = rows[index]
+        sop, tier, path = rows[index]
         ds = pydicom.dcmread(io.BytesIO(deps.read_instance(tier, path)))
         mask = None
         if overlay and seg is not None:
-            mask = seg_mask(deps.data_dir / seg[0], sop)
+            mask = seg_mask(deps.data_dir / seg, sop)
         return render(ds, preset=preset, mask=mask)
 
     png = await asyncio.to_thread(build)
@@ -327,14 +190,13 @@ async def result_object(request: web.Request) -> web.StreamResponse:
     if not RESULT_ID.fullmatch(rid) or kind not in ("SR", "SEG"):
         raise ApiError(400, "bad_request", "bad result id or kind (SR|SEG)")
     deps = request.app[DEPS]
-    row = deps.store.query(
-        "SELECT path FROM result_objects WHERE result_id = ? AND kind = ?", (rid, kind)
-    )
-    if not row:
+    with deps.store.read() as conn:
+        path = queries.result_object_path(conn, rid, kind)
+    if path is None:
         raise ApiError(404, "not_found", "no such object")
     await audit(request, "object.download", f"{rid}/{kind}")
     return web.FileResponse(
-        deps.data_dir / row[0][0],
+        deps.data_dir / path,
         headers={
             "Content-Type": "application/dicom",
             "Content-Disposition": f'attachment; filename="{kind.lower()}-{rid}.dcm"',
@@ -379,9 +241,9 @@ async def study_priors(request: web.Request) -> web.Response:
 
     def query() -> list[dict[str, Any]] | None:
         with deps.store.read() as conn:
-            if conn.execute("SELECT 1 FROM studies WHERE study_uid = ?", (uid,)).fetchone() is None:
+            if not queries.study_exists(conn, uid):
                 return None
-            return priors(conn, uid)
+            return queries.priors(conn, uid)
 
     found = await asyncio.to_thread(query)
     if found is None:
@@ -554,14 +416,8 @@ async def export_audit(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "since must be a Unix time") from None
     fmt = _choice(request, "format", ("json", "csv")) or "json"
     limit = _int(request, "limit", 10000, 1, 1000000)
-    rows = [
-        dict(r)
-        for r in request.app[DEPS].store.query(
-            "SELECT id, at, username, action, target, remote, request_id, detail FROM audit_log "
-            "WHERE at >= ? ORDER BY id LIMIT ?",
-            (since, limit),
-        )
-    ]
+    with request.app[DEPS].store.read() as conn:
+        rows = queries.audit_rows(conn, since=since, limit=limit)
     await audit(request, "audit.export", fmt, f"{len(rows)} rows")
     if fmt == "csv":
         buf = io.StringIO()

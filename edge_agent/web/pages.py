@@ -24,7 +24,8 @@ from edge_agent.web.http import (
     require,
 )
 from edge_agent.web.images import PRESETS
-from edge_agent.web.report import NOTICE, measurements, priors, priors_svg, review_status
+from edge_agent.web.queries import priors
+from edge_agent.web.report import NOTICE, measurements, priors_svg, review_status
 
 
 def _page(request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:

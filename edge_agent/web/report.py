@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import sqlite3
 from typing import Any
 
 from fpdf import FPDF
@@ -57,42 +56,6 @@ def measurements(result: dict[str, Any]) -> list[tuple[str, str]]:
     return [("Top label", str(f.get("top_label", "")))] + [
         (label, f"{p:.3f}") for label, p in sorted(probs.items())
     ]
-
-
-def priors(conn: sqlite3.Connection, study_uid: str) -> list[dict[str, Any]]:
-    """The patient's studies (this one included) with their segmentation measurements,
-    oldest first. Empty when the patient ID is unknown or there is no other study."""
-    row = conn.execute(
-        "SELECT patient_id FROM studies WHERE study_uid = ?", (study_uid,)
-    ).fetchone()
-    if row is None or not row[0]:
-        return []
-    import json
-
-    out = []
-    for s in conn.execute(
-        "SELECT study_uid, study_date, first_received_at FROM studies WHERE patient_id = ? "
-        "ORDER BY study_date, first_received_at",
-        (row[0],),
-    ):
-        for r in conn.execute(
-            "SELECT model_name, model_version, findings FROM results WHERE study_uid = ? "
-            "AND superseded_by IS NULL AND task = 'segmentation' ORDER BY model_name",
-            (s["study_uid"],),
-        ):
-            f = json.loads(r["findings"])
-            out.append(
-                {
-                    "study_uid": s["study_uid"],
-                    "study_date": s["study_date"],
-                    "received_at": s["first_received_at"],
-                    "model": f"{r['model_name']} {r['model_version']}",
-                    "label": f.get("label", ""),
-                    "area_mm2_total": f.get("area_mm2_total"),
-                    "volume_mm3": f.get("volume_mm3"),
-                }
-            )
-    return out if len({p["study_uid"] for p in out}) > 1 else []
 
 
 def priors_svg(points: list[dict[str, Any]], key: str, current: str, *, w: int = 420) -> str:
