@@ -23,9 +23,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
 from pydicom.uid import (
@@ -56,6 +59,12 @@ from edge_agent.dicom.server import VERIFICATION, AcceptorServer, Limits, Payloa
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
 from edge_agent.studies.ingest import Ingestor, Origin, Outcome, file_header_for
+from edge_agent.studies.store import (
+    AssociationClosed,
+    AssociationOpened,
+    close_association,
+    open_association,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +293,17 @@ class DicomListener:
             return
         if s.outcome == "rejected":
             return
-        self._submit_audit(
-            """UPDATE associations SET ended_at = ?, outcome = ?, reject_reason = ?,
-                   received = ?, duplicates = ?, failed = ?, refused = ? WHERE id = ?""",
-            (
-                now, s.outcome, s.reason or None, s.received, s.duplicates, s.failed,
-                s.refused, s.id,
-            ),
-        )  # fmt: skip
+        closed = AssociationClosed(
+            id=s.id,
+            ended_at=now,
+            outcome=s.outcome,
+            reject_reason=s.reason or None,
+            received=s.received,
+            duplicates=s.duplicates,
+            failed=s.failed,
+            refused=s.refused,
+        )
+        self._submit_audit(partial(close_association, a=closed), closed)
         log.info(
             "association closed",
             extra={
@@ -306,21 +318,29 @@ class DicomListener:
         )
 
     def _insert_audit(self, s: Session, *, ended_at: float | None) -> None:
-        self._submit_audit(
-            """INSERT INTO associations (id, calling_ae, called_ae, peer_host, peer_port,
-                   tls, started_at, ended_at, outcome, reject_reason, user_identity,
-                   peer_implementation)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (
-                s.id, s.calling_ae, s.called_ae, s.peer_host, s.peer_port, int(s.tls),
-                s.started_at, ended_at, s.outcome, s.reason or None, s.user_identity,
-                s.peer_implementation,
-            ),
-        )  # fmt: skip
+        opened = AssociationOpened(
+            id=s.id,
+            calling_ae=s.calling_ae,
+            called_ae=s.called_ae,
+            peer_host=s.peer_host,
+            peer_port=s.peer_port,
+            tls=s.tls,
+            started_at=s.started_at,
+            ended_at=ended_at,
+            outcome=s.outcome,
+            reject_reason=s.reason or None,
+            user_identity=s.user_identity,
+            peer_implementation=s.peer_implementation,
+        )
+        self._submit_audit(partial(open_association, a=opened), opened)
 
-    def _submit_audit(self, sql: str, row: tuple[object, ...]) -> None:
+    def _submit_audit(
+        self,
+        write: Callable[[sqlite3.Connection], None],
+        row: AssociationOpened | AssociationClosed,
+    ) -> None:
         try:
-            self._store.writer.submit(lambda conn: conn.execute(sql, row))
+            self._store.writer.submit(write)
         except Exception:  # the store is closing: the log line above is the record
             log.exception("association audit row not written", extra={"row": str(row)[:200]})
 

@@ -53,6 +53,7 @@ from edge_agent.results.dicom import make_seg, make_sr
 from edge_agent.results.forward import ResultObject, write_object
 from edge_agent.results.models import Result, uuid7
 from edge_agent.store import Store
+from edge_agent.studies.store import series_for_routing, series_sop_classes
 from edge_agent.sync.phi import Pseudonymiser, load_or_create_key
 from hub_protocol import HybridClock
 
@@ -113,20 +114,9 @@ class InferenceWorker:
 
     def _facts(self, study_uid: str) -> list[SeriesFacts]:
         with self._store.read() as conn:
-            series = conn.execute(
-                "SELECT series_uid, modality, body_part, description, instance_count "
-                "FROM series WHERE study_uid = ?",
-                (study_uid,),
-            ).fetchall()
             out = []
-            for s in series:
-                classes = frozenset(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT DISTINCT sop_class_uid FROM instances WHERE series_uid = ?",
-                        (s["series_uid"],),
-                    )
-                )
+            for s in series_for_routing(conn, study_uid):
+                classes = series_sop_classes(conn, s["series_uid"])
                 first = series_instances(conn, s["series_uid"])[:1]
                 rows = cols = 0
                 if first:

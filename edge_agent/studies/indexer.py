@@ -26,7 +26,15 @@ from edge_agent.metrics import Metrics
 from edge_agent.store import Spool, Store
 from edge_agent.store.journal import IngestJournal, Position, Record, syncfs
 from edge_agent.studies.parse import InstanceInfo
-from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance
+from edge_agent.studies.store import (
+    RecordOutcome,
+    StoredObject,
+    known_associations,
+    load_checkpoint,
+    path_in_use,
+    record_instance,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,26 +285,14 @@ class Indexer:
             conn.execute(f"RELEASE i{i}")
             out.append((rec.outcome, rec.late, rec.version, ""))
         if last is not None:
-            conn.execute(
-                "INSERT INTO ingest_checkpoint (id, segment, offset, at) VALUES (1, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET segment = excluded.segment, "
-                "offset = excluded.offset, at = excluded.at",
-                (last.segment, last.end, now),
-            )
+            save_checkpoint(conn, segment=last.segment, offset=last.end, now=now)
         return out
 
     @staticmethod
     def _known_associations(conn: sqlite3.Connection, ids: set[str | None]) -> set[str]:
         """Of ``ids``, those with an audit row (a replayed record may name one that is
         gone with a crash: its instance is kept without the link)."""
-        wanted = [i for i in ids if i is not None]
-        if not wanted:
-            return set()
-        rows = conn.execute(
-            "SELECT id FROM associations WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(wanted),),
-        )
-        return {str(r[0]) for r in rows}
+        return known_associations(conn, [i for i in ids if i is not None])
 
     def _report(self, item: Item, result: tuple[RecordOutcome | None, bool, int, str]) -> None:
         outcome, late, version, error = result
@@ -362,10 +358,8 @@ def drop_unreferenced(store: Store, spool: Spool, tier: str, relpath: str) -> No
     not recorded). Never raises: crash recovery quarantines what is left."""
     try:
         with store.read() as conn:
-            used = conn.execute(
-                "SELECT 1 FROM instances WHERE tier = ? AND path = ? LIMIT 1", (tier, relpath)
-            ).fetchone()
-        if used is None:
+            used = path_in_use(conn, tier, relpath)
+        if not used:
             spool.locate(relpath).unlink(missing_ok=True)
     except Exception:
         log.exception("could not remove an unrecorded spool file", extra={"path": relpath})
@@ -373,8 +367,8 @@ def drop_unreferenced(store: Store, spool: Spool, tier: str, relpath: str) -> No
 
 def checkpoint(store: Store) -> tuple[int, int]:
     """The journal position every record before which is in the store."""
-    rows = store.query("SELECT segment, offset FROM ingest_checkpoint WHERE id = 1")
-    return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+    with store.read() as conn:
+        return load_checkpoint(conn)
 
 
 def replay(

@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,7 +37,14 @@ from edge_agent.store.journal import IngestJournal, Record
 from edge_agent.store.spool import write_all
 from edge_agent.studies.indexer import Indexer, Item, drop_unreferenced, record_meta, replay
 from edge_agent.studies.parse import MAX_DEPTH, MAX_INFLATED_BYTES, InstanceInfo, inspect_dataset
-from edge_agent.studies.store import RecordOutcome, StoredObject, record_instance, sop_versions
+from edge_agent.studies.store import (
+    Quarantined,
+    RecordOutcome,
+    StoredObject,
+    insert_quarantine,
+    record_instance,
+    sop_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -464,25 +472,21 @@ class Ingestor:
                 self._quarantine / f"{rel}.json",
                 json.dumps(sidecar, indent=2).encode(),
             )
+            row = Quarantined(
+                received_at=now,
+                association_id=origin.association_id,
+                calling_ae=origin.calling_ae,
+                peer_host=origin.peer_host,
+                status=exc.status,
+                reason=exc.reason,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
+                sha256=sha,
+                size_bytes=len(dataset),
+                path=f"{rel}.raw",
+            )
             self._store.writer.call(
-                lambda conn: conn.execute(
-                    """INSERT INTO quarantine (received_at, association_id, calling_ae,
-                           peer_host, status, reason, sop_class_uid, sop_instance_uid, sha256,
-                           size_bytes, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        now,
-                        origin.association_id,
-                        origin.calling_ae,
-                        origin.peer_host,
-                        exc.status,
-                        exc.reason,
-                        sop_class_uid,
-                        sop_instance_uid,
-                        sha,
-                        len(dataset),
-                        f"{rel}.raw",
-                    ),
-                ),
+                partial(insert_quarantine, q=row),
                 sync_dirs=(folder,),
             )
         except (OSError, StoreError):

@@ -3,6 +3,7 @@ run inside its transaction; read functions take any connection."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
@@ -293,3 +294,141 @@ def get_study(conn: sqlite3.Connection, study_uid: str) -> Study | None:
         (study_uid,),
     ).fetchone()
     return None if row is None else _study(row)
+
+
+def series_for_routing(conn: sqlite3.Connection, study_uid: str) -> list[sqlite3.Row]:
+    """series_uid, modality, body_part, description, instance_count of a study's series."""
+    return conn.execute(
+        "SELECT series_uid, modality, body_part, description, instance_count "
+        "FROM series WHERE study_uid = ?",
+        (study_uid,),
+    ).fetchall()
+
+
+def series_sop_classes(conn: sqlite3.Connection, series_uid: str) -> frozenset[str]:
+    return frozenset(
+        str(r[0])
+        for r in conn.execute(
+            "SELECT DISTINCT sop_class_uid FROM instances WHERE series_uid = ?", (series_uid,)
+        )
+    )
+
+
+def path_in_use(conn: sqlite3.Connection, tier: str, path: str) -> bool:
+    """True if an instance row names the file ``path`` on ``tier``."""
+    row = conn.execute(
+        "SELECT 1 FROM instances WHERE tier = ? AND path = ? LIMIT 1", (tier, path)
+    ).fetchone()
+    return row is not None
+
+
+# -- the ingest journal's checkpoint ----------------------------------------------------------
+
+
+def save_checkpoint(conn: sqlite3.Connection, *, segment: int, offset: int, now: float) -> None:
+    """Every journal record before (``segment``, ``offset``) is in the store."""
+    conn.execute(
+        "INSERT INTO ingest_checkpoint (id, segment, offset, at) VALUES (1, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET segment = excluded.segment, "
+        "offset = excluded.offset, at = excluded.at",
+        (segment, offset, now),
+    )
+
+
+def load_checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
+    row = conn.execute("SELECT segment, offset FROM ingest_checkpoint WHERE id = 1").fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+# -- the association audit trail and the quarantine -------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssociationOpened:
+    id: str
+    calling_ae: str
+    called_ae: str
+    peer_host: str
+    peer_port: int
+    tls: bool
+    started_at: float
+    ended_at: float | None
+    outcome: str
+    reject_reason: str | None
+    user_identity: str | None
+    peer_implementation: str | None
+
+
+def open_association(conn: sqlite3.Connection, a: AssociationOpened) -> None:
+    conn.execute(
+        """INSERT INTO associations (id, calling_ae, called_ae, peer_host, peer_port,
+               tls, started_at, ended_at, outcome, reject_reason, user_identity,
+               peer_implementation)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            a.id, a.calling_ae, a.called_ae, a.peer_host, a.peer_port, int(a.tls),
+            a.started_at, a.ended_at, a.outcome, a.reject_reason, a.user_identity,
+            a.peer_implementation,
+        ),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssociationClosed:
+    id: str
+    ended_at: float
+    outcome: str
+    reject_reason: str | None
+    received: int
+    duplicates: int
+    failed: int
+    refused: int
+
+
+def close_association(conn: sqlite3.Connection, a: AssociationClosed) -> None:
+    conn.execute(
+        """UPDATE associations SET ended_at = ?, outcome = ?, reject_reason = ?,
+               received = ?, duplicates = ?, failed = ?, refused = ? WHERE id = ?""",
+        (
+            a.ended_at, a.outcome, a.reject_reason, a.received, a.duplicates, a.failed,
+            a.refused, a.id,
+        ),
+    )  # fmt: skip
+
+
+def known_associations(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+    """Of ``ids``, those with an audit row."""
+    if not ids:
+        return set()
+    rows = conn.execute(
+        "SELECT id FROM associations WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
+    )
+    return {str(r[0]) for r in rows}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quarantined:
+    received_at: float
+    association_id: str | None
+    calling_ae: str
+    peer_host: str
+    status: int
+    reason: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    sha256: str
+    size_bytes: int
+    path: str
+
+
+def insert_quarantine(conn: sqlite3.Connection, q: Quarantined) -> None:
+    conn.execute(
+        """INSERT INTO quarantine (received_at, association_id, calling_ae, peer_host, status,
+               reason, sop_class_uid, sop_instance_uid, sha256, size_bytes, path)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            q.received_at, q.association_id, q.calling_ae, q.peer_host, q.status, q.reason,
+            q.sop_class_uid, q.sop_instance_uid, q.sha256, q.size_bytes, q.path,
+        ),
+    )  # fmt: skip
