@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from edge_agent import __version__
+from edge_agent import status
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.dicom_listener import DicomListener
@@ -37,7 +37,6 @@ from edge_agent.store.journal import IngestJournal
 from edge_agent.store.lock import DataDirLock
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
-from edge_agent.sync import outbox
 from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater, WatchSettings
 from edge_agent.sync.state import load_hlc
@@ -310,21 +309,14 @@ class EdgeApp:
         return self.listener.active_associations == 0 and running[0][0] == 0
 
     def health(self) -> dict[str, object]:
-        """The summary sent in heartbeats (and, later, shown by the web UI)."""
+        """The summary sent in heartbeats (and the base of the web's node status)."""
         with self.store.read() as conn:
-            ob = outbox.stats(conn)
-            studies = dict(conn.execute("SELECT state, count(*) FROM studies GROUP BY state"))
-        return {
-            "outbox": {lane.value: n for lane, n in ob.depth.items()},
-            "outbox_dead": ob.dead,
-            "oldest_unsynced_age_s": (
-                round(self.clock.now() - ob.oldest_pending_at, 1) if ob.oldest_pending_at else 0
-            ),
-            "studies": studies,
-            "inference_devices": list(self.inference.devices),
-            "storage": self.lifecycle.summary(),
-            "version": __version__,
-        }
+            return status.health_summary(
+                conn,
+                now=self.clock.now(),
+                devices=self.inference.devices,
+                storage=self.lifecycle.summary(),
+            )
 
     def close(self) -> None:
         """Drain the writer, close the store, mark a clean stop and release the folder."""

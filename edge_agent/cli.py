@@ -541,34 +541,18 @@ def _cmd_sync_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync_status(args: argparse.Namespace) -> int:
-    import time as _time
-
-    from edge_agent.sync import outbox
+    from edge_agent import status
     from edge_agent.sync.client import Credential
 
     cfg = _load(args)
     path = cfg.sync.credential_path(cfg.storage.data_dir)
     store = _open_store(cfg)
     try:
+        cred = Credential.load(path) if path.exists() else None
         with store.read() as conn:
-            st = outbox.stats(conn)
-            state = dict(conn.execute("SELECT name, value FROM sync_state"))
+            out = status.sync_status(conn, credential=cred, now=time.time())
     finally:
         store.close()
-    cred = Credential.load(path) if path.exists() else None
-    out = {
-        "enrolled": cred is not None,
-        "site_id": cred.site_id if cred else None,
-        "hub_url": cred.hub_url if cred else None,
-        "connectivity": state.get("connectivity", "unknown"),
-        "last_error": state.get("last_error", ""),
-        "pending": {lane.value: n for lane, n in st.depth.items()},
-        "pending_bytes": st.pending_bytes,
-        "oldest_unsynced_age_s": round(_time.time() - st.oldest_pending_at, 1)
-        if st.oldest_pending_at
-        else 0,
-        "dead_letters": st.dead,
-    }
     if args.json:
         print(json.dumps(out, indent=2))
         return EXIT_OK
@@ -581,8 +565,8 @@ def _cmd_sync_status(args: argparse.Namespace) -> int:
     p = out["pending"]
     print(
         f"  pending: urgent {p['urgent']}, normal {p['normal']}, batch {p['batch']} "
-        f"({st.pending_bytes} bytes); oldest unsynced {out['oldest_unsynced_age_s']} s; "
-        f"dead letters {st.dead}"
+        f"({out['pending_bytes']} bytes); oldest unsynced {out['oldest_unsynced_age_s']} s; "
+        f"dead letters {out['dead_letters']}"
     )
     return EXIT_OK
 
