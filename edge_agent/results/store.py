@@ -87,3 +87,14 @@ def list_results(
     sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
     sql += " ORDER BY created_at DESC, result_id DESC LIMIT ?"
     return [_result(r) for r in conn.execute(sql, (*params, limit))]
+
+
+def list_forwards(
+    conn: sqlite3.Connection, *, state: str | None = None, limit: int = 50
+) -> list[sqlite3.Row]:
+    """Result objects queued for or sent to PACS (all columns), newest first; only those in
+    ``state`` (PENDING, SENT, DEAD) if given."""
+    sql = "SELECT * FROM forwards" + (" WHERE state = ?" if state else "")  # noqa: S608
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    params = (state, limit) if state else (limit,)
+    return list(conn.execute(sql, params))
