@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from edge_agent import __version__
 from edge_agent.cli import (
     backup,
-    demo,
     ingest,
     models,
     results,
@@ -41,7 +40,6 @@ _COMMANDS = (
     studies.add_studies,
     storage.add_storage,
     ingest.add_quarantine,
-    demo.add_demo,
     setup.add_make_samples,
     models.add_models,
     results.add_results,
