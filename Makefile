@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ## demo: hub + agent + reference models + sample studies end to end (DEMO_ARGS=--serve keeps it up)
 demo: system-deps venv
-	$(BIN)/edge-agent demo $(DEMO_ARGS)
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 ## test: lint, type-check and the whole test suite (real DCMTK peers, fault injection)
 test: system-deps venv lint typecheck

@@ -21,31 +21,24 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from edge_agent import __version__
+from edge_agent import compose, status
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.dicom_listener import DicomListener
 from edge_agent.errors import EdgeError
-from edge_agent.inference.registry import Registry
 from edge_agent.inference.worker import InferenceWorker
-from edge_agent.lifecycle.manager import Lifecycle
 from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics, create_metrics
 from edge_agent.results.forward import Forwarder
-from edge_agent.store import Spool, Store
+from edge_agent.store import Spool
 from edge_agent.store.journal import IngestJournal
 from edge_agent.store.lock import DataDirLock
 from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
-from edge_agent.sync import outbox
-from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater, WatchSettings
-from edge_agent.sync.state import load_hlc
 from edge_agent.sync.uplink import Uplink, UplinkSettings
-from edge_agent.web.accounts import Accounts
 from edge_agent.web.app import WebDeps
 from edge_agent.web.app import create_app as create_web_app
-from hub_protocol import HybridClock
 from hub_protocol.releases import key_id, load_public_key
 
 log = logging.getLogger(__name__)
@@ -97,7 +90,7 @@ class EdgeApp:
         self.lock = DataDirLock.acquire(self.data_dir, what="edge-agent run")
         try:
             self.spool = prepare_dirs(cfg)
-            self.store = Store(self.data_dir / s.database, fsync_dirs=s.fsync)
+            self.store = compose.open_store(cfg, must_exist=False, fsync_dirs=s.fsync)
         except BaseException:
             self.lock.release()
             raise
@@ -137,10 +130,8 @@ class EdgeApp:
         self.assembly = AssemblyWorker(
             cfg.studies, store=self.store, clock=self.clock, metrics=self.metrics
         )
-        self.registry = Registry(store=self.store, models_dir=cfg.models_dir(), clock=self.clock)
-        with self.store.read() as conn:
-            last = load_hlc(conn)
-        self.hlc = HybridClock(cfg.sync.node_id, wall=self.clock.now, last=last)
+        self.registry = compose.registry(cfg, self.store, self.clock)
+        self.hlc = compose.hybrid_clock(cfg, self.store, self.clock)
         self.inference = InferenceWorker(
             cfg,
             store=self.store,
@@ -152,12 +143,9 @@ class EdgeApp:
         self.inference.recover()
         self.uplink: Uplink | None = None
         self.updater: ModelUpdater | None = None
-        self.hub_client: HttpHubClient | None = None
-        cred_path = cfg.sync.credential_path(s.data_dir)
-        if cred_path.exists():
+        self.hub_client = client = compose.hub_client(cfg)
+        if client is not None:
             sy = cfg.sync
-            client = HttpHubClient(Credential.load(cred_path), ca_file=sy.hub_ca_file)
-            self.hub_client = client
             self.uplink = Uplink(
                 client,
                 store=self.store,
@@ -192,23 +180,17 @@ class EdgeApp:
                 self.uplink.after_pull.append(self.updater.check)
         self.tiers = Tiers(cfg, self.store)  # its crash recovery runs under the jobs' lock
         self.inference.tiers = self.tiers
-        self.lifecycle = Lifecycle(
+        self.lifecycle = compose.lifecycle(
             cfg,
-            store=self.store,
-            tiers=self.tiers,
+            self.store,
             clock=self.clock,
             metrics=self.metrics,
             archive=self.hub_client,
             hlc=self.hlc,
+            tiers=self.tiers,
             is_idle=self._idle,
         )
-        w = cfg.web
-        self.accounts = Accounts(
-            self.store,
-            session_ttl_s=w.session_ttl_s,
-            lockout_attempts=w.lockout_attempts,
-            lockout_s=w.lockout_s,
-        )
+        self.accounts = compose.accounts(cfg, self.store)
         self.web_port: int | None = None
         self.forwarder = Forwarder(
             cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
@@ -312,21 +294,14 @@ class EdgeApp:
         return self.listener.active_associations == 0 and running[0][0] == 0
 
     def health(self) -> dict[str, object]:
-        """The summary sent in heartbeats (and, later, shown by the web UI)."""
+        """The summary sent in heartbeats (and the base of the web's node status)."""
         with self.store.read() as conn:
-            ob = outbox.stats(conn)
-            studies = dict(conn.execute("SELECT state, count(*) FROM studies GROUP BY state"))
-        return {
-            "outbox": {lane.value: n for lane, n in ob.depth.items()},
-            "outbox_dead": ob.dead,
-            "oldest_unsynced_age_s": (
-                round(self.clock.now() - ob.oldest_pending_at, 1) if ob.oldest_pending_at else 0
-            ),
-            "studies": studies,
-            "inference_devices": list(self.inference.devices),
-            "storage": self.lifecycle.summary(),
-            "version": __version__,
-        }
+            return status.health_summary(
+                conn,
+                now=self.clock.now(),
+                devices=self.inference.devices,
+                storage=self.lifecycle.summary(),
+            )
 
     def close(self) -> None:
         """Drain the writer, close the store, mark a clean stop and release the folder."""

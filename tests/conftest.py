@@ -287,7 +287,7 @@ def start_hub(
     db: Path, port: int, log: Path, artifact_dir: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """``cloud-hub run`` on SQLite ``db`` as a child process; waits for /healthz."""
-    from edge_agent.demo import start_hub as start
+    from examples.demo import start_hub as start
 
     return start(db, port, log, artifact_dir)
 

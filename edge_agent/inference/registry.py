@@ -201,3 +201,10 @@ class Registry:
         if pkg.manifest_sha256 != model.manifest_sha256:
             raise RegistryError(f"{model.name} {model.version}: manifest changed on disk")
         return pkg
+
+
+def release_decisions(conn: sqlite3.Connection, name: str | None = None) -> list[sqlite3.Row]:
+    """The hub releases this site accepted or refused (and why), oldest first; only those of
+    model ``name`` if given."""
+    sql = "SELECT * FROM model_updates" + (" WHERE name = ?" if name else "")  # noqa: S608
+    return list(conn.execute(sql + " ORDER BY decided_at", (name,) if name else ()))

@@ -449,11 +449,7 @@ class Lifecycle:
     # -- restore -------------------------------------------------------------------------
 
     def request_restore(self, study_uid: str, *, by: str) -> None:
-        if not self._store.query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)):
-            raise EdgeError(f"no study {study_uid}")
-        self._store.writer.call(
-            partial(_request_restore, study_uid=study_uid, by=by, now=self._clock.now())
-        )
+        request_restore(self._store, study_uid, by=by, now=self._clock.now())
 
     async def process_restores(self) -> int:
         """Bring every requested study back to hot (from warm/cold, or from the hub)."""
@@ -668,6 +664,22 @@ def _request_restore(conn: sqlite3.Connection, *, study_uid: str, by: str, now: 
         "requested_by = excluded.requested_by, finished_at = NULL, error = NULL",
         (study_uid, now, by),
     )
+
+
+def request_restore(store: Store, study_uid: str, *, by: str, now: float) -> None:
+    """Ask for ``study_uid`` to be brought back to hot (the lifecycle's restore job does it;
+    asking again resets a finished or failed request). Raises EdgeError if no such study."""
+    if not store.query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)):
+        raise EdgeError(f"no study {study_uid}")
+    store.writer.call(partial(_request_restore, study_uid=study_uid, by=by, now=now))
+
+
+def restore_outcome(store: Store, study_uid: str) -> tuple[bool, str | None]:
+    """(finished, error) of the restore request for ``study_uid``."""
+    row = store.query(
+        "SELECT finished_at, error FROM restore_requests WHERE study_uid = ?", (study_uid,)
+    )[0]
+    return row[0] is not None, row[1]
 
 
 def _restore_done(

@@ -114,3 +114,14 @@ def insert_review(
         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (review_id, result_id, finding, decision, comment, username, now),
     )
+
+
+def list_forwards(
+    conn: sqlite3.Connection, *, state: str | None = None, limit: int = 50
+) -> list[sqlite3.Row]:
+    """Result objects queued for or sent to PACS (all columns), newest first; only those in
+    ``state`` (PENDING, SENT, DEAD) if given."""
+    sql = "SELECT * FROM forwards" + (" WHERE state = ?" if state else "")  # noqa: S608
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    params = (state, limit) if state else (limit,)
+    return list(conn.execute(sql, params))

@@ -14,6 +14,7 @@ from typing import Any
 import pydicom
 from aiohttp import web
 
+from edge_agent import status
 from edge_agent.results import reviews
 from edge_agent.results.reviews import check_decision
 from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
@@ -327,36 +328,7 @@ async def resolve_conflict(request: web.Request) -> web.Response:
 
 def node_status_data(deps: WebDeps) -> dict[str, Any]:
     """Connectivity, outbox, dead letters, storage, devices, models, recent errors."""
-    import onnxruntime
-
-    out = dict(deps.health())
-    out["storage"] = deps.storage_status()
-    out["execution_providers"] = onnxruntime.get_available_providers()
-    with deps.store.read() as conn:
-        out["models"] = [
-            dict(r)
-            for r in conn.execute(
-                "SELECT name, version, task, model_sha256, active, shadow, installed_at "
-                "FROM model_versions ORDER BY name, installed_at"
-            )
-        ]
-        out["connectivity"] = next(
-            (
-                r[0]
-                for r in conn.execute("SELECT value FROM sync_state WHERE name = 'connectivity'")
-            ),
-            "not enrolled",
-        )
-        out["recent_errors"] = [
-            dict(r)
-            for r in conn.execute(
-                "SELECT 'inference' AS source, finished_at AS at, error, study_uid AS target "
-                "FROM inference_jobs WHERE state = 'FAILED' UNION ALL SELECT 'forward', "
-                "next_attempt_at, last_error, destination FROM forwards WHERE state = 'DEAD' "
-                "ORDER BY at DESC LIMIT 20"
-            )
-        ]
-    return out
+    return status.node_status(deps.store, health=deps.health(), storage=deps.storage_status())
 
 
 @require("operator")

@@ -10,10 +10,12 @@ import pytest
 
 pytestmark = pytest.mark.dcmtk
 
+DEMO = Path(__file__).parents[2] / "examples" / "demo.py"
+
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "demo", "--dir", str(tmp_path / "demo")],
+        [sys.executable, str(DEMO), "--dir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=300,

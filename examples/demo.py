@@ -1,4 +1,6 @@
-"""``edge-agent demo``: the whole ingest path end to end on an embedded default config.
+"""The demo behind ``make demo``: the whole ingest path end to end on a default config.
+
+Run it with ``python examples/demo.py [--dir DIR] [--serve]`` from the project's virtualenv.
 
 It makes a scratch folder, writes a config, generates synthetic sample studies, starts the
 agent as a child process, sends the studies with DCMTK's ``storescu`` (plus two compressed
@@ -6,10 +8,16 @@ files from pydicom's test set and one intruder with an unknown AE title), waits 
 studies to complete, prints what the agent holds, shows sync with a hub (and a WAN outage),
 then central ops publishing a signed model version (shadow, staged rollout, a refused
 release), and stops the agent with SIGTERM.
+
+It calls the same functions the ``edge-agent`` commands end in (``edge_agent.cli.*``) and the
+composition root's factories (``edge_agent.compose``); only the agent and the hub run as
+child processes.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -25,9 +33,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent.cli import main as cli_main
+from edge_agent import cli, compose
+from edge_agent.cli import ingest, models, results, setup, storage, studies, sync
+from edge_agent.config import Config, load_config
 from edge_agent.inference.reference_models import build_reference_packages
 from edge_agent.samples import make_study
+from edge_agent.sync.client import enroll
 
 QUIET_PERIOD_S = 3.0
 HEARTBEAT_S = 1.0
@@ -242,6 +253,11 @@ def _model_state(db: Path, name: str) -> dict[str, str]:
     return {v: "active" if a else "shadow" if sh else "installed" for v, a, sh in rows}
 
 
+def _load(path: Path) -> Config:
+    """The demo agent's config as the commands read it (the file and EDGE_* overrides)."""
+    return load_config(path)
+
+
 def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path) -> None:
     """Ops publish ct-lesion-seg 1.1.0: shadow first, then a staged rollout; then a release
     signed by a key the site does not trust is refused."""
@@ -275,7 +291,7 @@ def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path)
         lambda: "over 1 series" in ops.hub("models", "status", SEG_NAME, show=False),
     )
     ops.hub("models", "status", SEG_NAME)
-    cli_main(["models", "list", "--config", str(cfg)])
+    models.show(_load(cfg))
 
     _step("staged rollout: canary (this site) -> percentage -> every site")
     ops.hub("models", "rollout", "start", SEG_NAME, "1.1.0", "--canary", site, "--percent", "50")
@@ -287,7 +303,7 @@ def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path)
     ops.hub("models", "rollout", "advance", SEG_NAME, "1.1.0")
     ops.hub("models", "rollout", "advance", SEG_NAME, "1.1.0")
     ops.hub("models", "status", SEG_NAME)
-    cli_main(["models", "list", "--config", str(cfg)])
+    models.show(_load(cfg))
 
     _step("a release signed by a key this site does not trust: refused, 1.1.0 stays active")
     rogue = workdir / "ops" / "rogue.key"
@@ -298,7 +314,7 @@ def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path)
         "the refusal",
         lambda: "refused" in ops.hub("models", "status", SEG_NAME, show=False),
     )
-    cli_main(["models", "history", SEG_NAME, "--config", str(cfg)])
+    models.history(_load(cfg), SEG_NAME)
     print(f"    active now: {_model_state(db, SEG_NAME)}")
 
 
@@ -331,7 +347,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
     for tool in ("storescu", "echoscu"):
         if shutil.which(tool) is None:
             print(
-                f"edge-agent demo: {tool} not found; install DCMTK (make demo does)",
+                f"demo: {tool} not found; install DCMTK (make demo does)",
                 file=sys.stderr,
             )
             return 1
@@ -339,27 +355,19 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         shutil.rmtree(workdir)
     port = _free_port()
     _step(f"writing a default config in {workdir}")
-    cli_main(
-        [
-            "init",
-            str(workdir),
-            "--port",
-            str(port),
-            "--ae-title",
-            "EDGE_DEMO",
-            "--bind-address",
-            "127.0.0.1",
-            "--quiet-period",
-            str(QUIET_PERIOD_S),
-            "--min-free-mb",
-            "64",
-        ]
+    setup.init(
+        workdir,
+        port=port,
+        ae_title="EDGE_DEMO",
+        bind_address="127.0.0.1",
+        quiet_period_s=QUIET_PERIOD_S,
+        min_free_mb=64,
     )
-    cfg = workdir / "edge-agent.toml"
+    cfg = workdir / cli.CONFIG_NAME
 
     _step("building the reference models in code and installing them")
     for root in build_reference_packages(workdir / "model-packages"):
-        cli_main(["models", "install", str(root), "--config", str(cfg)])
+        models.install(_load(cfg), root)
 
     _step("generating synthetic sample studies")
     samples = workdir / "samples"
@@ -411,7 +419,10 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         text=True,
         check=True,
     ).stdout.strip()
-    cli_main(["sync", "enroll", "--hub", hub_url, f"--token={token}", "--config", str(cfg)])
+    config = _load(cfg)
+    credential = asyncio.run(enroll(hub_url, token, ca_file=config.sync.hub_ca_file))
+    credential.save(config.sync.credential_path(config.storage.data_dir))
+    print(f"enrolled as {credential.site_id} with {credential.hub_url}")
 
     ops = Ops(workdir, hub_db)
     _step("central ops make their release signing key; this site pins its public half")
@@ -432,13 +443,16 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
     )
     _step("web accounts: a radiologist and an admin for the UI (random passwords)")
     logins = {}
-    for user, role in (("radiologist", "radiologist"), ("admin", "admin")):
-        logins[user] = secrets.token_urlsafe(12)
-        os.environ["EDGE_USER_PASSWORD"] = logins[user]
-        try:
-            cli_main(["users", "add", user, "--role", role, "--config", str(cfg)])
-        finally:
-            del os.environ["EDGE_USER_PASSWORD"]
+    config = _load(cfg)
+    store = compose.open_store(config)
+    try:
+        accounts = compose.accounts(config, store)
+        for user, role in (("radiologist", "radiologist"), ("admin", "admin")):
+            logins[user] = secrets.token_urlsafe(12)
+            added = accounts.add_user(user, role, logins[user], now=time.time())
+            print(f"added {added.username} ({added.role})")
+    finally:
+        store.close()
     with log_path.open("wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
@@ -458,7 +472,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
                 break
             if agent.poll() is not None or time.monotonic() > deadline:
                 print(log_path.read_text(), file=sys.stderr)
-                print("edge-agent demo: the agent did not start", file=sys.stderr)
+                print("demo: the agent did not start", file=sys.stderr)
                 return 1
             time.sleep(0.2)
         print(f"    agent up: AE EDGE_DEMO on 127.0.0.1:{port}; C-ECHO ok (log: {log_path})")
@@ -486,15 +500,15 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         )
         _wait_settled(workdir / "data" / "edge.db")
         _step("edge-agent studies")
-        cli_main(["studies", "--config", str(cfg)])
+        studies.show(_load(cfg))
         _step("edge-agent results (reference models: CT lesion segmentation, 2D classifier)")
-        cli_main(["results", "--config", str(cfg)])
+        results.show(_load(cfg))
 
         _step("results sent to PACS as DICOM SEG and Comprehensive SR (edge-agent forwards)")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not _all_sent(workdir / "data" / "edge.db"):
             time.sleep(0.3)
-        cli_main(["forwards", "--config", str(cfg)])
+        results.forwards(_load(cfg))
         # storescp names files by modality: SG.<uid> for SEG, SRc.<uid> for Comprehensive SR
         received = sorted("SEG" if p.name.startswith("SG") else "SR" for p in pacs_dir.iterdir())
         print(
@@ -523,7 +537,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         print(f"    storescu exit {r.returncode}")
         _wait_settled(workdir / "data" / "edge.db")
         time.sleep(1.0)
-        cli_main(["sync", "status", "--config", str(cfg)])
+        sync.status(_load(cfg))
 
         _step("the hub comes back: the backlog drains, nothing lost, nothing twice")
         hub = start_hub(hub_db, hub_port, workdir / "hub.log")
@@ -533,7 +547,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
             f"    the hub now holds {len(after)} result(s) ({len(set(after))} distinct), "
             f"{len(set(after) - set(keys))} new"
         )
-        cli_main(["sync", "status", "--config", str(cfg)])
+        sync.status(_load(cfg))
 
         _step("a late CT slice arrives after the study completed: the study re-opens")
         late = make_study(
@@ -547,23 +561,23 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         )
         r = _storescu(port, late.files[-1])
         print(f"    storescu exit {r.returncode}")
-        cli_main(["studies", "--config", str(cfg), "--state", "RECEIVING"])
+        studies.show(_load(cfg), state="RECEIVING")
         _wait_settled(workdir / "data" / "edge.db")
         print("    ... complete again; the new results supersede the old ones (never overwrite):")
-        cli_main(["results", ct.study_uid, "--all", "--config", str(cfg)])
+        results.show(_load(cfg), study_uid=ct.study_uid, include_superseded=True)
 
         _step("a truncated instance is refused with 0xC000 and kept in quarantine")
         status, comment = _send_truncated(port, mr.files[0], workdir)
         print(f"    C-STORE status 0x{status:04X}: {comment}")
-        cli_main(["quarantine", "--config", str(cfg)])
+        ingest.quarantine(_load(cfg))
 
         _step("edge-agent associations (audit trail)")
-        cli_main(["associations", "--config", str(cfg), "--limit", "10"])
+        ingest.associations(_load(cfg), limit=10)
 
         _model_rollout(ops, workdir, cfg, port, samples)
 
         _step("edge-agent storage status (tiers; studies age hot -> warm -> cold -> hub archive)")
-        cli_main(["storage", "status", "--config", str(cfg)])
+        storage.status(_load(cfg))
 
         _step("the web UI answers: /healthz, /readyz, and the worklist API as the radiologist")
         _show_web(web_port, "radiologist", logins["radiologist"])
@@ -592,3 +606,21 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         hub.wait(30)
     print(f"\nDone. Config: {cfg}\nData: {workdir / 'data'}\nAgent log (JSON): {log_path}")
     return 0 if code == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/demo.py [--dir DIR] [--serve]``; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="demo",
+        description="run the end-to-end demo: agent + sample studies sent with storescu",
+    )
+    p.add_argument("--dir", type=Path, default=Path("demo-run"), help="scratch folder (recreated)")
+    p.add_argument(
+        "--serve", action="store_true", help="keep the agent, hub and web UI running at the end"
+    )
+    args = p.parse_args(argv)
+    return run_demo(args.dir.resolve(), serve=args.serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""``edge-agent studies``: list studies; restore an archived or cold one to hot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from edge_agent.cli.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_command,
+    config_arg,
+    fmt_time,
+    load,
+    open_store,
+)
+from edge_agent.config import Config
+from edge_agent.errors import EdgeError
+
+
+def add_studies(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sp = add_command(
+        sub,
+        "studies",
+        "list studies with their state and counts",
+        "edge-agent studies --config /srv/edge/edge-agent.toml --state COMPLETE",
+    )
+    config_arg(sp)
+    sp.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "restore"],
+        default="list",
+        help="restore UID: bring an archived/cold study back to hot",
+    )
+    sp.add_argument("uid", nargs="?", help="study instance UID (restore)")
+    sp.add_argument("--state", choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"])
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="restore: wait")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=_cmd_studies)
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    if args.action == "restore":
+        return restore(load(args), args.uid, wait_s=args.wait)
+    return show(load(args), state=args.state, limit=args.limit, as_json=args.json)
+
+
+def show(cfg: Config, *, state: str | None = None, limit: int = 100, as_json: bool = False) -> int:
+    """Print the newest ``limit`` studies (only those in ``state`` if given)."""
+    from edge_agent.studies.models import StudyState
+    from edge_agent.studies.store import list_studies
+
+    store = open_store(cfg)
+    try:
+        with store.read() as conn:
+            studies = list_studies(conn, state=StudyState(state) if state else None, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps([s.__dict__ for s in studies], indent=2, default=str))
+        return EXIT_OK
+    if not studies:
+        print("no studies yet")
+        return EXIT_OK
+    header = (
+        f"{'STUDY INSTANCE UID':<46} {'STATE':<10} {'MOD':<4} {'SER':>3} {'INST':>5} "
+        f"{'LATE':>4} {'PATIENT ID':<12} {'LAST RECEIVED':<19}"
+    )
+    print(header)
+    for s in studies:
+        print(
+            f"{s.study_uid[:46]:<46} {s.state.value:<10} {s.modality[:4]:<4} "
+            f"{s.series_count:>3} {s.instance_count:>5} {s.late_arrivals:>4} "
+            f"{s.patient_id[:12]:<12} {fmt_time(s.last_received_at):<19}"
+        )
+    return EXIT_OK
+
+
+def restore(cfg: Config, uid: str | None, *, wait_s: float = 0.0) -> int:
+    """Ask the running agent to bring study ``uid`` back to hot; wait up to ``wait_s`` seconds
+    for it. Returns 1 if it failed, or did not finish while waiting."""
+    from edge_agent.lifecycle.manager import request_restore, restore_outcome
+
+    if not uid:
+        raise EdgeError("studies restore needs a study instance UID")
+    store = open_store(cfg)
+    try:
+        by = f"cli:{os.environ.get('USER', '?')}"
+        request_restore(store, uid, by=by, now=time.time())
+        print(f"restore of {uid} requested; the running agent brings it back to hot")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            finished, error = restore_outcome(store, uid)
+            if finished:
+                if error:
+                    print(f"restore failed: {error}", file=sys.stderr)
+                    return EXIT_ERROR
+                print("restored: every instance is on the hot tier")
+                return EXIT_OK
+            time.sleep(0.5)
+    finally:
+        store.close()
+    if wait_s:
+        print("not finished yet (is the agent running?); edge-agent storage status shows it")
+        return EXIT_ERROR
+    return EXIT_OK
