@@ -45,13 +45,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import Clock
 from edge_agent.errors import EdgeError
-from edge_agent.inference.package import open_package
 from edge_agent.inference.registry import InstalledModel, Registry, set_active
 from edge_agent.inference.runner import ModelRunner
 from edge_agent.inference.shadow import agreement
 from edge_agent.inference.store import job_outcomes, rerun_on
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
+from hub_protocol.package import open_package
 from hub_protocol.releases import Release, ReleaseError, verify_archive, verify_release
 from hub_protocol.semver import parse as semver
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from edge_agent.errors import OutOfResources
 from edge_agent.store import Store
 from edge_agent.sync import outbox
-from edge_agent.sync.conflicts import DEFAULT_RULES, Outcome, Rule, Version, is_conflict, resolve
 from hub_protocol import (
     HLC,
     HLCError,
@@ -28,6 +27,7 @@ from hub_protocol import (
     RecordType,
     negotiate_version,
 )
+from hub_protocol.conflicts import DEFAULT_RULES, Outcome, Rule, Version, is_conflict, resolve
 
 # -- HLC ----------------------------------------------------------------------------------------
 
