@@ -24,6 +24,8 @@ from sqlalchemy.engine import Connection, Engine
 from cloud_hub.artifacts import ArtifactStore, open_artifacts
 from hub_protocol import (
     HLC,
+    Change,
+    ChangeType,
     Lane,
     PushBatch,
     PushReceipt,
@@ -530,7 +532,7 @@ class HubStore:
             self._change(
                 conn,
                 site_id,
-                type="record",
+                type=ChangeType.RECORD,
                 key=rec.key,
                 version=version,
                 payload={"value": res.value, "reason": res.reason},
@@ -588,7 +590,7 @@ class HubStore:
             self._change(
                 conn,
                 site_id,
-                type="record",
+                type=ChangeType.RECORD,
                 key=key,
                 version=version,
                 payload={"value": payload, "reason": "cloud edit"},
@@ -679,7 +681,7 @@ class HubStore:
                 self._change(
                     conn,
                     site,
-                    type="model_assignment",
+                    type=ChangeType.MODEL_ASSIGNMENT,
                     key=f"model/{name}",
                     version=int(now * 1000),
                     now=now,
@@ -865,7 +867,7 @@ class HubStore:
                 self._change(
                     conn,
                     site,
-                    type="model_rollback",
+                    type=ChangeType.MODEL_ROLLBACK,
                     key=f"model/{name}",
                     version=int(now * 1000),
                     now=now,
@@ -929,7 +931,7 @@ class HubStore:
             self._change(
                 conn,
                 c["site_id"],
-                type="conflict_resolution",
+                type=ChangeType.CONFLICT_RESOLUTION,
                 key=c["key"],
                 version=version,
                 payload={
@@ -947,7 +949,7 @@ class HubStore:
         conn: Connection,
         site_id: str,
         *,
-        type: str,
+        type: ChangeType,
         key: str,
         version: int,
         payload: dict[str, Any],
@@ -956,7 +958,7 @@ class HubStore:
         conn.execute(
             changes.insert().values(
                 site_id=site_id,
-                type=type,
+                type=type.value,
                 key=key,
                 version=version,
                 payload=json.dumps(payload, sort_keys=True),
@@ -1023,10 +1025,18 @@ class HubStore:
                 out.append({**r, "result": payload})
         return out
 
-    def changes_after(self, site_id: str, cursor: int, limit: int = 500) -> list[dict[str, Any]]:
+    def changes_after(self, site_id: str, cursor: int, limit: int = 500) -> list[Change]:
         with self.engine.connect() as conn:
             return [
-                dict(r)
+                Change(
+                    cursor=int(r["cursor"]),
+                    site_id=r["site_id"],
+                    type=ChangeType(r["type"]),
+                    key=r["key"],
+                    version=int(r["version"]),
+                    payload=json.loads(r["payload"]),
+                    created_at=float(r["created_at"]),
+                )
                 for r in conn.execute(
                     sa.select(changes)
                     .where(changes.c.site_id == site_id, changes.c.cursor > cursor)
@@ -1039,7 +1049,7 @@ class HubStore:
         self,
         site_id: str,
         *,
-        type: str,
+        type: ChangeType,
         key: str,
         version: int,
         payload: dict[str, Any],
@@ -1049,7 +1059,7 @@ class HubStore:
             res = conn.execute(
                 changes.insert().values(
                     site_id=site_id,
-                    type=type,
+                    type=type.value,
                     key=key,
                     version=version,
                     payload=json.dumps(payload, sort_keys=True),
