@@ -42,7 +42,7 @@ import sqlalchemy.exc
 from aiohttp import web
 
 from cloud_hub.artifacts import FolderArtifacts, S3Artifacts, open_artifacts, parse_range
-from cloud_hub.db import AuthError, HubStore, connect
+from cloud_hub.store import AuthError, HubStore, connect
 from hub_protocol import PROTOCOL_VERSIONS, ChangePage, ProtocolError, PushBatch
 
 log = logging.getLogger(__name__)
