@@ -47,11 +47,11 @@ from edge_agent.config import (
     StorageConfig,
     StudiesConfig,
 )
-from edge_agent.inference.package import open_package
 from edge_agent.inference.preprocess import preprocess_instance
 from edge_agent.inference.reference_models import build_reference_packages
 from edge_agent.samples import make_study
 from edge_agent.studies.ingest import Origin
+from hub_protocol.package import open_package
 from tests.conftest import split_part10
 
 

@@ -29,7 +29,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_hub.db import HubStore, connect
+from cloud_hub.store import HubStore, connect
 from edge_agent.clock import SystemClock
 from edge_agent.store import Store
 from edge_agent.sync import outbox

@@ -42,8 +42,8 @@ import sqlalchemy.exc
 from aiohttp import web
 
 from cloud_hub.artifacts import FolderArtifacts, S3Artifacts, open_artifacts, parse_range
-from cloud_hub.db import AuthError, HubStore, connect
-from hub_protocol import PROTOCOL_VERSIONS, ProtocolError, PushBatch
+from cloud_hub.store import AuthError, HubStore, connect
+from hub_protocol import PROTOCOL_VERSIONS, ChangePage, ProtocolError, PushBatch
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,8 @@ async def changes(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ProtocolError(f"bad cursor/limit: {exc}") from exc
     rows = await asyncio.to_thread(request.app[STORE].changes_after, request[SITE], cursor, limit)
-    for r in rows:
-        r["payload"] = json.loads(r["payload"])
-    next_cursor = rows[-1]["cursor"] if rows else cursor
-    return web.json_response({"changes": rows, "next_cursor": next_cursor})
+    page = ChangePage(changes=tuple(rows), next_cursor=rows[-1].cursor if rows else cursor)
+    return web.json_response(page.to_json())
 
 
 async def heartbeat(request: web.Request) -> web.Response:

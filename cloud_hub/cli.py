@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from cloud_hub import __version__
 
 if TYPE_CHECKING:
-    from cloud_hub.db import HubStore
+    from cloud_hub.store import HubStore
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _store(url: str) -> HubStore:
-    from cloud_hub.db import HubStore, connect
+    from cloud_hub.store import HubStore, connect
 
     return HubStore(connect(url))
 

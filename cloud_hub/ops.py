@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from hub_protocol.package import verify_folder
 from hub_protocol.releases import Release, canonical, key_id, load_public_key, sign
 
 
@@ -78,8 +79,6 @@ def make_release(
 ) -> tuple[Release, Path, Path]:
     """Verify ``package`` and write ``<name>-<version>.tar`` and its unsigned release
     document (``.release.json``) to ``out_dir``. Returns (release, archive, document)."""
-    from edge_agent.inference.package import verify_folder
-
     pkg = verify_folder(package)  # never publish what an edge would refuse
     m = pkg.manifest
     data = deterministic_tar(package)

@@ -17,9 +17,24 @@
 
 from __future__ import annotations
 
+# The root and the three classes come from the contract, so that its errors (an invalid
+# manifest, a package failing verification) are EdgeErrors classified like the edge's own.
+from hub_protocol.errors import Error as EdgeError
+from hub_protocol.errors import PermanentError, TransientError, UntrustedError
 
-class EdgeError(Exception):
-    """Base class for every error the edge agent raises on purpose."""
+__all__ = [
+    "ConfigError",
+    "Conflict",
+    "EdgeError",
+    "InvalidInstance",
+    "InvalidRequest",
+    "NotFound",
+    "OutOfResources",
+    "PermanentError",
+    "StoreError",
+    "TransientError",
+    "UntrustedError",
+]
 
 
 class ConfigError(EdgeError):
@@ -35,16 +50,8 @@ class ConfigError(EdgeError):
         self.message = message
 
 
-class TransientError(EdgeError):
-    """Retrying later may succeed."""
-
-
 class OutOfResources(TransientError):
     """Storage is below its free-space floor or the filesystem is full."""
-
-
-class PermanentError(EdgeError):
-    """The input is bad; retrying the same input will fail the same way."""
 
 
 class InvalidInstance(PermanentError):
@@ -75,10 +82,6 @@ class Conflict(PermanentError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class UntrustedError(EdgeError):
-    """Input failed a trust check: reject it and alert."""
 
 
 class StoreError(EdgeError):

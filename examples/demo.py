@@ -216,7 +216,7 @@ class Ops:
 
     def release(self, source: Path, version: str, *, key: Path | None = None) -> None:
         """Copy ``source`` as ``version``, package, sign and publish it."""
-        from edge_agent.inference.package import write_manifest_files
+        from hub_protocol.package import write_manifest_files
 
         pkg = self.workdir / "ops" / f"{source.name.rsplit('-', 1)[0]}-{version}"
         shutil.copytree(source, pkg)

@@ -5,6 +5,10 @@ Push: the edge sends a :class:`PushBatch` of :class:`Record` s; the hub applies 
 record and its high-water seq per lane (the highest seq of that lane it holds with every
 lower one of the lane also held). After any error the edge asks for the high-water marks
 instead of trusting its own memory.
+
+Pull: the hub keeps a change feed per site (edits made at the hub, conflict outcomes, model
+assignments and rollback orders); the edge asks for the :class:`Change` s after its cursor and
+gets a :class:`ChangePage`. Each change has a :class:`ChangeType`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from hub_protocol.hlc import HLC, HLCError
 
@@ -23,6 +27,7 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 MAX_KEY_LENGTH = 200
 #: "<kind>/<id>", e.g. result/0192f4c3-...; no "..", no leading "/", so never a path.
 _KEY = re.compile(r"^[a-z_]{1,32}/[A-Za-z0-9._:-]{1,160}$")
+_E = TypeVar("_E", bound=StrEnum)
 
 
 class ProtocolError(ValueError):
@@ -63,6 +68,15 @@ class ReceiptStatus(StrEnum):
     REJECTED = "rejected"  # permanent: dead-letter it, with ``error``
 
 
+class ChangeType(StrEnum):
+    """What a change-feed entry tells the site."""
+
+    RECORD = "record"  # a record's value, changed at the hub or by a conflict rule
+    CONFLICT_RESOLUTION = "conflict_resolution"  # a person decided a queued conflict
+    MODEL_ASSIGNMENT = "model_assignment"  # install (or shadow) a published release
+    MODEL_ROLLBACK = "model_rollback"  # re-activate the version installed before this one
+
+
 def negotiate_version(offered: Sequence[int], supported: Sequence[int] = PROTOCOL_VERSIONS) -> int:
     """The highest version both sides speak; ProtocolError if none."""
     common = set(offered) & set(supported)
@@ -80,6 +94,13 @@ def _need(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> A
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ProtocolError(f"field {name!r} has the wrong type")
     return value
+
+
+def _need_enum(obj: Mapping[str, Any], name: str, kind: type[_E]) -> _E:
+    try:
+        return kind(_need(obj, name, str))
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,14 +204,10 @@ class Receipt:
     def from_json(cls, obj: Any) -> Receipt:
         if not isinstance(obj, dict):
             raise ProtocolError("receipt must be an object")
-        try:
-            status = ReceiptStatus(_need(obj, "status", str))
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from exc
         return cls(
             key=_need(obj, "key", str),
             seq=_need(obj, "seq", int),
-            status=status,
+            status=_need_enum(obj, "status", ReceiptStatus),
             version=int(obj.get("version", 0)),
             error=str(obj.get("error", "")),
         )
@@ -219,4 +236,70 @@ class PushReceipt:
         return cls(
             receipts=tuple(Receipt.from_json(r) for r in _need(obj, "receipts", list)),
             high_water=high_water,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Change:
+    """One entry of a site's change feed. ``cursor`` is its position (it only grows),
+    ``version`` the version of ``key`` it carries; ``payload`` depends on ``type`` (for
+    records and conflict resolutions the new value is under ``value``)."""
+
+    cursor: int
+    type: ChangeType
+    key: str
+    version: int
+    payload: Mapping[str, Any]
+    site_id: str = ""
+    created_at: float = 0.0
+
+    @property
+    def value(self) -> Any:
+        """The value the change carries: ``payload["value"]``, else the whole payload."""
+        return self.payload.get("value", self.payload)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cursor": self.cursor,
+            "site_id": self.site_id,
+            "type": self.type.value,
+            "key": self.key,
+            "version": self.version,
+            "payload": dict(self.payload),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Change:
+        if not isinstance(obj, dict):
+            raise ProtocolError("change must be an object")
+        return cls(
+            cursor=_need(obj, "cursor", int),
+            type=_need_enum(obj, "type", ChangeType),
+            key=_need(obj, "key", str),
+            version=_need(obj, "version", int),
+            payload=_need(obj, "payload", dict),
+            site_id=str(obj.get("site_id", "")),
+            created_at=float(obj.get("created_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChangePage:
+    """The answer to a pull: the next changes after a cursor, and the cursor to ask from
+    next time (the last change's, or the one asked from when there are none)."""
+
+    changes: tuple[Change, ...]
+    next_cursor: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"changes": [c.to_json() for c in self.changes], "next_cursor": self.next_cursor}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ChangePage:
+        if not isinstance(obj, dict):
+            raise ProtocolError("change page must be an object")
+        return cls(
+            changes=tuple(Change.from_json(c) for c in _need(obj, "changes", list)),
+            next_cursor=_need(obj, "next_cursor", int),
         )

@@ -351,8 +351,8 @@ class ReleaseRig:
 def release_rig(tmp_path: Path, package: Path, ae_title: str) -> ReleaseRig:
     import asyncio
 
-    from cloud_hub.db import HubStore, connect
     from cloud_hub.ops import add_signature, keygen, load_private, make_release
+    from cloud_hub.store import HubStore, connect
     from edge_agent.cli import main as cli
     from edge_agent.sync.client import enroll
 

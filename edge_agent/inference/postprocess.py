@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from edge_agent.inference.manifest import Manifest
+from hub_protocol.manifest import Manifest
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
 from edge_agent.errors import PermanentError
-from edge_agent.inference.manifest import Preprocessing
+from hub_protocol.manifest import Preprocessing
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 

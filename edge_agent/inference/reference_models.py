@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.inference.package import write_manifest_files
+from hub_protocol.package import write_manifest_files
 
 OPSET = 17
 IR_VERSION = 9

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from edge_agent.clock import Clock
 from edge_agent.errors import PermanentError
-from edge_agent.inference.manifest import Manifest, parse_manifest
-from edge_agent.inference.package import ModelPackage, open_package, verify_folder
 from edge_agent.store import Store
+from hub_protocol.manifest import Manifest, parse_manifest
+from hub_protocol.package import ModelPackage, open_package, verify_folder
 
 
 class RegistryError(PermanentError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from edge_agent.inference.manifest import RoutingRule
+from hub_protocol.manifest import RoutingRule
 
 
 @dataclass(frozen=True, kw_only=True)

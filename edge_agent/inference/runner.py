@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.errors import PermanentError
-from edge_agent.inference.package import ModelPackage
 from edge_agent.inference.selftest import run_self_test
+from hub_protocol.package import ModelPackage
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.errors import UntrustedError
-from edge_agent.inference.manifest import Manifest
+from hub_protocol.manifest import Manifest
 
 
 class SelfTestFailed(UntrustedError):

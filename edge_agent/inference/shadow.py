@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.inference.manifest import Manifest
+from hub_protocol.manifest import Manifest
 
 
 class ShadowMismatch(ValueError):

@@ -19,6 +19,8 @@ import aiohttp
 
 from edge_agent.errors import PermanentError, TransientError
 from hub_protocol import (
+    Change,
+    ChangePage,
     Lane,
     PushBatch,
     PushReceipt,
@@ -52,7 +54,7 @@ class HubClient(Protocol):
 
     async def heartbeat(self, health: dict[str, Any]) -> None: ...
 
-    async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]: ...
+    async def changes(self, cursor: int, limit: int = 500) -> ChangePage: ...
 
     async def close(self) -> None: ...
 
@@ -173,9 +175,9 @@ class HttpHubClient:
     async def heartbeat(self, health: dict[str, Any]) -> None:
         await self._call("POST", "/v1/heartbeat", json.dumps(health).encode())
 
-    async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
+    async def changes(self, cursor: int, limit: int = 500) -> ChangePage:
         body = await self._call("GET", f"/v1/changes?cursor={int(cursor)}&limit={int(limit)}")
-        return list(body["changes"]), int(body["next_cursor"])
+        return ChangePage.from_json(body)
 
     async def download(self, path: str, dest: Path, *, limit: int) -> None:
         """Append ``path`` to ``dest`` from its current size (HTTP Range), fsync, never past
@@ -322,10 +324,10 @@ class FakeHubClient:
         self._maybe_fail()
         self.heartbeats.append(health)
 
-    async def changes(self, cursor: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
+    async def changes(self, cursor: int, limit: int = 500) -> ChangePage:
         self._maybe_fail()
-        out = [c for c in self.feed if c["cursor"] > cursor][:limit]
-        return out, (out[-1]["cursor"] if out else cursor)
+        out = [Change.from_json(c) for c in self.feed if c["cursor"] > cursor][:limit]
+        return ChangePage(changes=tuple(out), next_cursor=out[-1].cursor if out else cursor)
 
     async def close(self) -> None:
         return None

@@ -45,13 +45,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.clock import Clock
 from edge_agent.errors import EdgeError
-from edge_agent.inference.package import open_package
 from edge_agent.inference.registry import InstalledModel, Registry, set_active
 from edge_agent.inference.runner import ModelRunner
 from edge_agent.inference.shadow import agreement
 from edge_agent.inference.store import job_outcomes, rerun_on
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
+from hub_protocol import ChangeType
+from hub_protocol.package import open_package
 from hub_protocol.releases import Release, ReleaseError, verify_archive, verify_release
 from hub_protocol.semver import parse as semver
 
@@ -158,7 +159,9 @@ class ModelUpdater:
             for r in self._store.query("SELECT name, version, status FROM model_updates")
         }
         out = []
-        for row in self._store.query("SELECT payload FROM replica WHERE type = 'model_assignment'"):
+        for row in self._store.query(
+            "SELECT payload FROM replica WHERE type = ?", (ChangeType.MODEL_ASSIGNMENT.value,)
+        ):
             a = json.loads(row[0])
             status = decided.get((a["name"], a["version"]))
             if status is None or (status == SHADOW and a.get("mode", "active") != SHADOW):
@@ -171,7 +174,9 @@ class ModelUpdater:
         decisions = []
         for a in self.pending():
             decisions.append(await self.apply(a))
-        for row in self._store.query("SELECT payload FROM replica WHERE type = 'model_rollback'"):
+        for row in self._store.query(
+            "SELECT payload FROM replica WHERE type = ?", (ChangeType.MODEL_ROLLBACK.value,)
+        ):
             d = await self.rollback(json.loads(row[0]))
             if d is not None:
                 decisions.append(d)

@@ -206,14 +206,13 @@ class Uplink:
         with self._store.read() as conn:
             row = conn.execute("SELECT value FROM sync_state WHERE name = 'feed_cursor'").fetchone()
         cursor = int(row[0]) if row else 0
-        page, next_cursor = await self._client.changes(cursor, limit)
-        if not page:
+        page = await self._client.changes(cursor, limit)
+        if not page.changes:
             return 0
         now = self._clock.now()
 
         def apply(conn: Any) -> None:
-            for c in page:
-                value = c["payload"].get("value", c["payload"])
+            for c in page.changes:
                 conn.execute(
                     "INSERT INTO replica (key, type, version, payload, feed_cursor, applied_at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
@@ -221,22 +220,22 @@ class Uplink:
                     "payload = excluded.payload, feed_cursor = excluded.feed_cursor, "
                     "applied_at = excluded.applied_at WHERE excluded.version >= replica.version",
                     (
-                        c["key"],
-                        c["type"],
-                        int(c["version"]),
-                        json.dumps(value, sort_keys=True),
-                        int(c["cursor"]),
+                        c.key,
+                        c.type.value,
+                        c.version,
+                        json.dumps(c.value, sort_keys=True),
+                        c.cursor,
                         now,
                     ),
                 )
             conn.execute(
                 "INSERT INTO sync_state (name, value) VALUES ('feed_cursor', ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                (str(next_cursor),),
+                (str(page.next_cursor),),
             )
 
         await asyncio.to_thread(self._store.writer.call, apply)
-        return len(page)
+        return len(page.changes)
 
     async def pull(self) -> int:
         total = 0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.inference.package import verify_folder
 from edge_agent.inference.reference_models import BENCH_NAME, build_reference_packages
+from hub_protocol.package import verify_folder
 from tests.conftest import release_rig, start_agent, wait_ready
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_hub.app import HubConfig, create_app
 from cloud_hub.artifacts import FolderArtifacts, S3Artifacts, parse_range
-from cloud_hub.db import HubStore, connect
 from cloud_hub.ops import make_release
+from cloud_hub.store import HubStore, connect
 from edge_agent.clock import FakeClock
 from edge_agent.inference.reference_models import SEG_NAME, build_reference_packages
 from edge_agent.inference.registry import Registry

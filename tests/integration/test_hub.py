@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud_hub.app import HubConfig, create_app
-from cloud_hub.db import HubStore, connect
+from cloud_hub.store import HubStore, connect
 from hub_protocol import HLC, Lane, PushBatch, Record, RecordType
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_agent.inference.package import write_manifest_files
 from edge_agent.inference.reference_models import (
     CLS_NAME,
     SEG_NAME,
     reference_lesion_mask,
 )
 from edge_agent.samples import make_study
+from hub_protocol.package import write_manifest_files
 from tests.conftest import TEST_FILES, make_config, storescu
 
 pytestmark = pytest.mark.dcmtk

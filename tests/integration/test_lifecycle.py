@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloud_hub.app import HubConfig, create_app
-from cloud_hub.db import HubStore, connect
+from cloud_hub.store import HubStore, connect
 from edge_agent.inference.reference_models import SEG_NAME
 from edge_agent.lifecycle.coldcrypt import ColdDataError, KeyRing, decrypt
 from edge_agent.lifecycle.manager import DAY, Lifecycle
@@ -159,7 +159,7 @@ def test_a_study_ages_through_every_tier_to_the_archive_and_back(
         await up.drain()
         import sqlalchemy as sa
 
-        from cloud_hub.db import records
+        from cloud_hub.store.schema import records
 
         with hub_store.engine.connect() as conn:
             keys = set(conn.execute(sa.select(records.c.key)).scalars())

@@ -16,16 +16,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_hub.app import HubConfig, create_app
-from cloud_hub.db import HubStore, connect
 from cloud_hub.ops import make_release
+from cloud_hub.store import HubStore, connect
 from edge_agent.clock import FakeClock
-from edge_agent.inference.package import write_manifest_files
 from edge_agent.inference.reference_models import SEG_NAME, build_reference_packages
 from edge_agent.inference.registry import Registry
 from edge_agent.store import Store
 from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater
 from edge_agent.sync.uplink import Uplink
+from hub_protocol.package import write_manifest_files
 from hub_protocol.releases import envelope, key_id, sign
 
 NOW = 1_800_000_000.0

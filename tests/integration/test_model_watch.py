@@ -21,16 +21,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_hub.app import HubConfig, create_app
-from cloud_hub.db import HubStore, connect
 from cloud_hub.ops import make_release
-from edge_agent.inference.manifest import parse_manifest
-from edge_agent.inference.package import write_manifest_files
+from cloud_hub.store import HubStore, connect
 from edge_agent.inference.reference_models import CLS_NAME, SEG_NAME, build_reference_packages
 from edge_agent.inference.shadow import ShadowMismatch, agreement, score
 from edge_agent.samples import make_study
 from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater, WatchSettings
 from edge_agent.sync.uplink import Uplink
+from hub_protocol.manifest import parse_manifest
+from hub_protocol.package import write_manifest_files
 from hub_protocol.releases import envelope, key_id, sign
 from tests.conftest import make_config, storescu
 
@@ -344,7 +344,7 @@ def test_shadow_sites_do_not_hold_up_a_rollout_and_get_the_version_when_it_reach
 ) -> None:
     import sqlalchemy as sa
 
-    from cloud_hub.db import assignments, shadow_assignments
+    from cloud_hub.store.schema import assignments, shadow_assignments
 
     ops = Ed25519PrivateKey.generate()
     store = HubStore(connect(f"sqlite:///{tmp_path / 'hub.db'}"))

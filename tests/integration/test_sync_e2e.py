@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cloud_hub.db import HubStore, connect
+from cloud_hub.store import HubStore, connect
 from edge_agent.clock import SystemClock
 from edge_agent.store import Store
 from edge_agent.sync import outbox

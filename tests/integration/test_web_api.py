@@ -426,7 +426,7 @@ def test_conflict_queue_is_resolvable_from_the_ui_api(
 ) -> None:
     from cloud_hub.app import HubConfig
     from cloud_hub.app import create_app as create_hub_app
-    from cloud_hub.db import HubStore, connect
+    from cloud_hub.store import HubStore, connect
     from edge_agent.sync.client import Credential, HttpHubClient
     from hub_protocol import RecordType
     from tests.integration.test_hub import _push, enrolled, mutable

@@ -199,7 +199,7 @@ def test_radiologist_rejects_a_finding_and_the_review_reaches_the_hub(
         assert "dr.house: reject lesion" in added[0].text
         browser.save_screenshot(str(ARTIFACTS / "4-finding-rejected.png"))
 
-        from cloud_hub.db import records
+        from cloud_hub.store.schema import records
 
         def at_hub() -> Any:
             with rig.hub_store.engine.connect() as conn:

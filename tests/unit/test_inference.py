@@ -15,8 +15,6 @@ import onnxruntime as ort
 import pydicom
 import pytest
 
-from edge_agent.inference.manifest import ManifestError, parse_manifest, parse_semver
-from edge_agent.inference.package import PackageError, open_package, write_manifest_files
 from edge_agent.inference.preprocess import (
     UnsupportedPixels,
     preprocess_instance,
@@ -31,6 +29,8 @@ from edge_agent.inference.reference_models import (
 )
 from edge_agent.inference.runner import ModelLoadError, ModelRunner, NoProvider, choose_providers
 from edge_agent.inference.selftest import SelfTestFailed
+from hub_protocol.manifest import ManifestError, parse_manifest, parse_semver
+from hub_protocol.package import PackageError, open_package, write_manifest_files
 from tests.conftest import TEST_FILES
 
 

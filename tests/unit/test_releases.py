@@ -146,7 +146,7 @@ def test_archive_hash_size_and_download_cap() -> None:
 
 
 def test_ops_keygen_release_sign_and_edge_verify(package: Path, tmp_path: Path) -> None:
-    from edge_agent.inference.package import PackageError, open_package
+    from hub_protocol.package import PackageError, open_package
 
     kid = keygen(tmp_path / "ops1.key", b"correct horse battery")
     assert oct((tmp_path / "ops1.key").stat().st_mode & 0o777) == "0o600"

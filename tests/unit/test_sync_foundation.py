@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from edge_agent.errors import OutOfResources
 from edge_agent.store import Store
 from edge_agent.sync import outbox
-from edge_agent.sync.conflicts import DEFAULT_RULES, Outcome, Rule, Version, is_conflict, resolve
 from hub_protocol import (
     HLC,
+    Change,
+    ChangePage,
+    ChangeType,
     HLCError,
     HybridClock,
     Lane,
@@ -28,6 +30,7 @@ from hub_protocol import (
     RecordType,
     negotiate_version,
 )
+from hub_protocol.conflicts import DEFAULT_RULES, Outcome, Rule, Version, is_conflict, resolve
 
 # -- HLC ----------------------------------------------------------------------------------------
 
@@ -133,6 +136,38 @@ def test_version_negotiation() -> None:
         negotiate_version([2], [1])
     with pytest.raises(ProtocolError, match="duplicate"):
         PushBatch.from_json({"protocol": 1, "site_id": "s", "records": [_record(), _record()]})
+
+
+def test_change_page_round_trip_and_unknown_change_types() -> None:
+    change = Change(
+        cursor=7,
+        type=ChangeType.RECORD,
+        key="system_config/c",
+        version=3,
+        payload={"value": {"a": 3}, "reason": "cloud edit"},
+        site_id="site-1",
+        created_at=1.5,
+    )
+    page = ChangePage(changes=(change,), next_cursor=7)
+    assert ChangePage.from_json(json.loads(json.dumps(page.to_json()))) == page
+    assert change.value == {"a": 3}
+    rollback = {"name": "m", "from_version": "2.0.0", "to_version": "1.0.0"}
+    assert (
+        Change.from_json(
+            {
+                "cursor": 8,
+                "type": "model_rollback",
+                "key": "model/m",
+                "version": 1,
+                "payload": rollback,
+            }
+        ).value
+        == rollback
+    )
+    with pytest.raises(ProtocolError, match="gossip"):
+        Change.from_json({"cursor": 9, "type": "gossip", "key": "k", "version": 1, "payload": {}})
+    with pytest.raises(ProtocolError, match="next_cursor"):
+        ChangePage.from_json({"changes": []})
 
 
 # -- outbox ------------------------------------------------------------------------------

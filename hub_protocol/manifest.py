@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import jsonschema
 
-from edge_agent.errors import PermanentError
+from hub_protocol.errors import PermanentError
 from hub_protocol.semver import SEMVER_RE
 from hub_protocol.semver import parse as semver_parse
 

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from edge_agent.errors import UntrustedError
-from edge_agent.inference.manifest import Manifest, parse_manifest
+from hub_protocol.errors import UntrustedError
+from hub_protocol.manifest import Manifest, parse_manifest
 
 MANIFEST_NAME = "manifest.json"
 #: Files a package may hold besides those its manifest lists (signatures come with issue 5).

@@ -1,0 +1,37 @@
+"""The hub's storage: SQLAlchemy Core, the same tables and migrations on SQLite (embedded
+default) and PostgreSQL (production). Every query is scoped by ``site_id``: a site can read
+and write only its own rows.
+
+:class:`HubStore` is the one façade callers use; each domain lives in its own module:
+
+* :mod:`~cloud_hub.store.schema`: tables, migrations, :func:`connect`
+* :mod:`~cloud_hub.store.sites`: enrollment, authentication, site list, heartbeats
+* :mod:`~cloud_hub.store.sync`: push, high-water marks, records, edits at the hub
+* :mod:`~cloud_hub.store.conflicts`: the manual-review queue
+* :mod:`~cloud_hub.store.releases`: model releases, assignments, staged rollouts
+* :mod:`~cloud_hub.store.archive`: each site's archived objects
+* :mod:`~cloud_hub.store.feed`: the change feed sites pull
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from cloud_hub.store.archive import ArchiveStore
+from cloud_hub.store.conflicts import ConflictStore
+from cloud_hub.store.feed import FeedStore
+from cloud_hub.store.releases import ReleaseStore
+from cloud_hub.store.schema import connect
+from cloud_hub.store.sites import AuthError, Enrolled, SitesStore
+from cloud_hub.store.sync import HUB_RULES, SyncStore
+from hub_protocol.conflicts import Rule
+
+__all__ = ["AuthError", "Enrolled", "HubStore", "connect"]
+
+
+class HubStore(ReleaseStore, SitesStore, SyncStore, ConflictStore, ArchiveStore, FeedStore):
+    """All the hub's reads and writes, each scoped to one site."""
+
+    def __init__(self, engine: Engine, rules: dict[str, Rule] | None = None) -> None:
+        self.engine = engine
+        self.rules = rules or HUB_RULES
