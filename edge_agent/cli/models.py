@@ -81,7 +81,7 @@ def show(cfg: Config, *, as_json: bool = False) -> int:
                 f"{m.model_sha256[:16]}  installed {fmt_time(m.installed_at)}"
             )
             if m.shadow:
-                from edge_agent.inference.shadow import agreement
+                from edge_agent.inference.store import agreement
 
                 with store.read() as conn:
                     print(f"    {agreement(conn, m.name, m.version).summary()}")

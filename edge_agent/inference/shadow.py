@@ -18,7 +18,6 @@ A series *agrees* when its score is at least ``inference.shadow_agreement``.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,32 +76,3 @@ class Agreement:
             f"({self.agreeing} agree, {self.errors} shadow errors, "
             f"mean score {self.mean_score:.3f})"
         )
-
-
-def agreement(conn: sqlite3.Connection, name: str, version: str) -> Agreement:
-    """Totals of every comparison of shadow ``version`` of ``name`` so far."""
-    n, agreeing, errors, mean = conn.execute(
-        "SELECT count(*), coalesce(sum(agree), 0), count(error), coalesce(avg(score), 0) "
-        "FROM shadow_runs WHERE name = ? AND shadow_version = ?",
-        (name, version),
-    ).fetchone()
-    return Agreement(name, version, int(n), int(agreeing), int(errors), float(mean))
-
-
-def record_run(
-    conn: sqlite3.Connection,
-    *,
-    job_id: int,
-    name: str,
-    active_version: str,
-    shadow_version: str,
-    score_: float,
-    agree: bool,
-    error: str | None,
-    now: float,
-) -> None:
-    conn.execute(
-        "INSERT INTO shadow_runs (job_id, name, active_version, shadow_version, agree, score,"
-        " error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (job_id, name, active_version, shadow_version, int(agree), score_, error, now),
-    )

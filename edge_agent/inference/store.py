@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from edge_agent.inference.models import Job, JobState
+from edge_agent.inference.shadow import Agreement
 from edge_agent.studies.models import StudyState
 from edge_agent.studies.store import transition
 
@@ -282,3 +283,35 @@ def series_instances(conn: sqlite3.Connection, series_uid: str) -> list[tuple[st
             (series_uid,),
         )
     ]
+
+
+# -- shadow comparisons ----------------------------------------------------------------------
+
+
+def agreement(conn: sqlite3.Connection, name: str, version: str) -> Agreement:
+    """Totals of every comparison of shadow ``version`` of ``name`` so far."""
+    n, agreeing, errors, mean = conn.execute(
+        "SELECT count(*), coalesce(sum(agree), 0), count(error), coalesce(avg(score), 0) "
+        "FROM shadow_runs WHERE name = ? AND shadow_version = ?",
+        (name, version),
+    ).fetchone()
+    return Agreement(name, version, int(n), int(agreeing), int(errors), float(mean))
+
+
+def record_run(
+    conn: sqlite3.Connection,
+    *,
+    job_id: int,
+    name: str,
+    active_version: str,
+    shadow_version: str,
+    score_: float,
+    agree: bool,
+    error: str | None,
+    now: float,
+) -> None:
+    conn.execute(
+        "INSERT INTO shadow_runs (job_id, name, active_version, shadow_version, agree, score,"
+        " error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (job_id, name, active_version, shadow_version, int(agree), score_, error, now),
+    )

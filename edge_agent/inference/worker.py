@@ -35,13 +35,13 @@ from edge_agent.inference.preprocess import frames, preprocess_frame
 from edge_agent.inference.registry import InstalledModel, Registry, RegistryError
 from edge_agent.inference.routing import SeriesFacts, matches
 from edge_agent.inference.runner import PROVIDERS, ModelRunner
-from edge_agent.inference.shadow import record_run
 from edge_agent.inference.shadow import score as shadow_score
 from edge_agent.inference.store import (
     claim_job,
     complete_studies,
     fail_job,
     finish_job,
+    record_run,
     recover_jobs,
     schedule_study,
     series_instances,

@@ -47,8 +47,7 @@ from edge_agent.clock import Clock
 from edge_agent.errors import EdgeError
 from edge_agent.inference.registry import InstalledModel, Registry, set_active
 from edge_agent.inference.runner import ModelRunner
-from edge_agent.inference.shadow import agreement
-from edge_agent.inference.store import job_outcomes, rerun_on
+from edge_agent.inference.store import agreement, job_outcomes, rerun_on
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
 from hub_protocol import ChangeType

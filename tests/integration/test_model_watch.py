@@ -24,7 +24,8 @@ from cloud_hub.app import HubConfig, create_app
 from cloud_hub.ops import make_release
 from cloud_hub.store import HubStore, connect
 from edge_agent.inference.reference_models import CLS_NAME, SEG_NAME, build_reference_packages
-from edge_agent.inference.shadow import ShadowMismatch, agreement, score
+from edge_agent.inference.shadow import ShadowMismatch, score
+from edge_agent.inference.store import agreement
 from edge_agent.samples import make_study
 from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater, WatchSettings

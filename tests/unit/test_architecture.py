@@ -42,7 +42,6 @@ SQL_NOT_YET_MOVED: dict[str, str] = {
     "edge_agent/lifecycle/manager.py": "the Lifecycle split into a lifecycle store is not done",
     "edge_agent/sync/model_updates.py": "moves with the rollout logic to inference/",
     "edge_agent/sync/uplink.py": "cursor and connectivity rows, to sync/state.py",
-    "edge_agent/inference/shadow.py": "shadow_runs rows, to inference/store.py",
     "edge_agent/app.py": "startup checks (orphans, missing files), to the studies store",
     "edge_agent/status.py": "status reads, to the stores they read",
     "edge_agent/cli/users.py": "the audit export query, to web/accounts.py",
