@@ -166,16 +166,21 @@ def _is_store_module(rel: str) -> bool:
     )
 
 
+def _leading_text(node: ast.AST) -> str:
+    """The text a string literal starts with (an f-string's first literal part too)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values:
+        return _leading_text(node.values[0])
+    return ""
+
+
 def test_sql_only_in_store_modules() -> None:
     with_sql = set()
     for path in _modules().values():
         rel = path.relative_to(ROOT).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (
-                isinstance(node, ast.Constant)
-                and isinstance(node.value, str)
-                and SQL.match(node.value)
-            ):
+            if SQL.match(_leading_text(node)):
                 with_sql.add(rel)
                 break
     outside = {rel for rel in with_sql if not _is_store_module(rel)}
