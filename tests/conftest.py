@@ -22,7 +22,14 @@ from hypothesis import settings
 from pydicom.filereader import read_preamble
 
 from edge_agent.clock import FakeClock
-from edge_agent.config import AllowedCaller, Config, DicomConfig, StorageConfig, StudiesConfig
+from edge_agent.config import (
+    AllowedCaller,
+    Config,
+    DicomConfig,
+    LifecycleConfig,
+    StorageConfig,
+    StudiesConfig,
+)
 
 # In CI the property tests replay the same examples every run (no flaky red); locally they
 # explore new ones each run.
@@ -53,7 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     """A config rooted in ``tmp_path``: port 0 (ephemeral), STORESCU/ECHOSCU/PYSCU allowed,
-    no free-space floor, short quiet period. ``sections`` override fields per section."""
+    no free-space floor, no disk-pressure watermarks (the tiers share the test machine's disk,
+    whose usage is not the test's), short quiet period. ``sections`` override fields per
+    section."""
     dicom = DicomConfig(
         ae_title="EDGE_TEST",
         bind_address="127.0.0.1",
@@ -67,7 +76,14 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     )
     storage = StorageConfig(data_dir=str(tmp_path / "data"), min_free_mb=0)
     studies = StudiesConfig(quiet_period_s=10.0, check_interval_s=0.1)
-    cfg = Config(dicom=dicom, storage=storage, studies=studies)
+    # used <= 1.0 always, so no tier is ever "above its high watermark" unless a test says so
+    unbounded = {
+        f"{t}_{w}_watermark": v
+        for t in ("hot", "warm", "cold")
+        for w, v in (("high", 1.0), ("low", 0.99))
+    }
+    lifecycle = LifecycleConfig(**unbounded)
+    cfg = Config(dicom=dicom, storage=storage, studies=studies, lifecycle=lifecycle)
     for name, fields in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
     return cfg
