@@ -42,7 +42,7 @@ import sqlalchemy.exc
 from aiohttp import web
 
 from cloud_hub.artifacts import FolderArtifacts, S3Artifacts, open_artifacts, parse_range
-from cloud_hub.store import AuthError, HubStore, connect
+from cloud_hub.store import AlreadyResolved, AuthError, ConcurrentUpdate, HubStore, connect
 from hub_protocol import PROTOCOL_VERSIONS, ChangePage, ProtocolError, PushBatch
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,23 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error(400, "bad_request", str(exc))
     except json.JSONDecodeError as exc:
         return error(400, "bad_json", f"body is not JSON: {exc}")
-    except sqlalchemy.exc.OperationalError as exc:
-        log.exception("database unavailable")
-        return error(503, "unavailable", f"database unavailable: {str(exc).splitlines()[0]}")
-    except sqlalchemy.exc.IntegrityError:
+    except AlreadyResolved as exc:
+        return web.json_response(
+            {
+                "error": {"code": "already_resolved", "message": str(exc)},
+                "outcome": exc.outcome,
+            },
+            status=409,
+        )
+    except (sqlalchemy.exc.IntegrityError, ConcurrentUpdate):
+        log.warning("concurrent write refused on %s", request.path, exc_info=True)
         return error(409, "conflict", "concurrent write for the same records; resend")
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError):
+        # the details (host, port, pool state) are for the hub's log, not for sites
+        log.exception("database unavailable")
+        resp = error(503, "unavailable", "the hub's database is unavailable; retry later")
+        resp.headers["Retry-After"] = "5"
+        return resp
 
 
 async def _json(request: web.Request) -> Any:

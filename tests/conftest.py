@@ -299,6 +299,28 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
 
 
+def fresh_database(postgres_url: str) -> str:
+    """A new, empty database on the session's PostgreSQL server; its SQLAlchemy URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"hub_{uuid.uuid4().hex[:12]}"
+    dsn = postgres_url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The hub's database, once on SQLite (the embedded default) and once on a fresh
+    database of the real PostgreSQL server (production): every hub test runs on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    return fresh_database(request.getfixturevalue("postgres_url"))
+
+
 def start_hub(
     db: Path, port: int, log: Path, artifact_dir: Path | None = None
 ) -> subprocess.Popen[bytes]:

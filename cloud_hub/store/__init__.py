@@ -18,15 +18,25 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from cloud_hub.store.archive import ArchiveStore
-from cloud_hub.store.conflicts import ConflictStore
+from cloud_hub.store.base import ConcurrentUpdate
+from cloud_hub.store.conflicts import AlreadyResolved, ConflictStore
 from cloud_hub.store.feed import FeedStore
 from cloud_hub.store.releases import ReleaseStore
-from cloud_hub.store.schema import connect
+from cloud_hub.store.schema import SchemaTooNew, connect, migrate
 from cloud_hub.store.sites import AuthError, Enrolled, SitesStore
 from cloud_hub.store.sync import HUB_RULES, SyncStore
 from hub_protocol.conflicts import Rule
 
-__all__ = ["AuthError", "Enrolled", "HubStore", "connect"]
+__all__ = [
+    "AlreadyResolved",
+    "AuthError",
+    "ConcurrentUpdate",
+    "Enrolled",
+    "HubStore",
+    "SchemaTooNew",
+    "connect",
+    "migrate",
+]
 
 
 class HubStore(ReleaseStore, SitesStore, SyncStore, ConflictStore, ArchiveStore, FeedStore):

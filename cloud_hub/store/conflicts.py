@@ -1,5 +1,7 @@
 """The manual-review queue: conflicts kept with both versions until a person takes one;
-the decision is logged and sent to the site through its change feed."""
+the decision is logged and sent to the site through its change feed. A conflict is resolved
+once: the resolution runs under the site's lock (:mod:`cloud_hub.store.base`), and a second
+one finds the first's outcome and raises :class:`AlreadyResolved` with it."""
 
 from __future__ import annotations
 
@@ -9,10 +11,23 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cloud_hub.store.base import StoreBase
+from cloud_hub.store.base import StoreBase, cas_record, lock_site
 from cloud_hub.store.feed import write_change
 from cloud_hub.store.schema import conflict_queue, records
 from hub_protocol import ChangeType
+
+
+class AlreadyResolved(Exception):
+    """The conflict was resolved already (by someone else, a moment ago perhaps): nothing
+    was changed. ``outcome`` is the first resolution (take, by, at)."""
+
+    def __init__(self, conflict_id: int, outcome: dict[str, Any]) -> None:
+        super().__init__(
+            f"conflict {conflict_id} was already resolved: {outcome['resolution']} version "
+            f"kept by {outcome['resolved_by']}"
+        )
+        self.conflict_id = conflict_id
+        self.outcome = outcome
 
 
 class ConflictStore(StoreBase):
@@ -33,30 +48,36 @@ class ConflictStore(StoreBase):
     ) -> int:
         """Resolve a queued conflict by taking the edge or the cloud version; the decision is
         logged (who, when) and goes to the site through the change feed. Returns the record's
-        new version. KeyError if unknown/already resolved (or another site's)."""
+        new version. KeyError if unknown (or another site's); :class:`AlreadyResolved` if it
+        was resolved before."""
         if take not in ("edge", "cloud"):
             raise ValueError("take must be 'edge' or 'cloud'")
         now = time.time() if now is None else now
+        q = sa.select(conflict_queue).where(conflict_queue.c.id == conflict_id)
+        if site_id is not None:
+            q = q.where(conflict_queue.c.site_id == site_id)
         with self.engine.begin() as conn:
-            q = sa.select(conflict_queue).where(
-                conflict_queue.c.id == conflict_id, conflict_queue.c.resolved_at.is_(None)
-            )
-            if site_id is not None:
-                q = q.where(conflict_queue.c.site_id == site_id)
-            c = conn.execute(q).mappings().first()
-            if c is None:
-                raise KeyError(f"no open conflict {conflict_id}")
+            owner = conn.execute(q.with_only_columns(conflict_queue.c.site_id)).scalar()
+            if owner is None:
+                raise KeyError(f"no conflict {conflict_id}")
+            lock_site(conn, owner)
+            c = conn.execute(q).mappings().one()  # read again, under the lock
+            if c["resolved_at"] is not None:
+                raise AlreadyResolved(
+                    conflict_id,
+                    {
+                        k: c[k]
+                        for k in ("resolution", "resolved_by", "resolved_at", "site_id", "key")
+                    },
+                )
             payload = c["edge_payload"] if take == "edge" else c["cloud_payload"]
             (current,) = conn.execute(
                 sa.select(records.c.version).where(
                     records.c.site_id == c["site_id"], records.c.key == c["key"]
                 )
             ).one()
-            version = int(current) + 1
-            conn.execute(
-                records.update()
-                .where(records.c.site_id == c["site_id"], records.c.key == c["key"])
-                .values(payload=payload, version=version, received_at=now)
+            version = cas_record(
+                conn, c["site_id"], c["key"], int(current), payload=payload, received_at=now
             )
             conn.execute(
                 conflict_queue.update()

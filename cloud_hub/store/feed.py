@@ -1,6 +1,17 @@
 """The change feed a site pulls: cloud-side edits, conflict outcomes, model assignments and
 rollback orders, as :class:`hub_protocol.Change` entries. Writers in the other parts add
 their entry with :func:`write_change` inside their own transaction.
+
+**A feed that never skips.** A site reads "every entry after my cursor". Positions from one
+global sequence would be handed out when rows are inserted, not when they commit: a reader
+could see position 12 committed while 11's transaction is still open, move its cursor to 12
+and never see 11. So positions are per site and allocated from the site's row
+(``sites.feed_last``) inside the writing transaction: the increment takes that row's lock
+until commit, so the next position for the site is handed out only after the previous one's
+transaction committed (or rolled back, and then the number is reused). Whatever a reader
+sees of a site's feed is therefore a prefix in position order; a held writer delays what
+comes after it and hides nothing. (Chosen over PostgreSQL's snapshot horizon because it
+holds on SQLite too and costs one row update that the writer's site lock already owns.)
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cloud_hub.store.base import StoreBase
-from cloud_hub.store.schema import changes
+from cloud_hub.store.schema import changes, sites
 from hub_protocol import Change, ChangeType
 
 
@@ -28,10 +39,17 @@ def write_change(
     now: float,
 ) -> int:
     """Add one entry to ``site_id``'s feed, in the caller's transaction ``conn``; returns
-    its cursor."""
-    res = conn.execute(
+    its position (what the site's cursor counts)."""
+    conn.execute(
+        sites.update().where(sites.c.site_id == site_id).values(feed_last=sites.c.feed_last + 1)
+    )
+    pos = conn.execute(sa.select(sites.c.feed_last).where(sites.c.site_id == site_id)).scalar()
+    if pos is None:
+        raise KeyError(f"no site {site_id}")
+    conn.execute(
         changes.insert().values(
             site_id=site_id,
+            pos=int(pos),
             type=type.value,
             key=key,
             version=version,
@@ -39,9 +57,7 @@ def write_change(
             created_at=now,
         )
     )
-    pk = res.inserted_primary_key
-    assert pk is not None
-    return int(pk[0])
+    return int(pos)
 
 
 class FeedStore(StoreBase):
@@ -51,7 +67,7 @@ class FeedStore(StoreBase):
         with self.engine.connect() as conn:
             return [
                 Change(
-                    cursor=int(r["cursor"]),
+                    cursor=int(r["pos"]),
                     site_id=r["site_id"],
                     type=ChangeType(r["type"]),
                     key=r["key"],
@@ -61,8 +77,8 @@ class FeedStore(StoreBase):
                 )
                 for r in conn.execute(
                     sa.select(changes)
-                    .where(changes.c.site_id == site_id, changes.c.cursor > cursor)
-                    .order_by(changes.c.cursor)
+                    .where(changes.c.site_id == site_id, changes.c.pos > cursor)
+                    .order_by(changes.c.pos)
                     .limit(limit)
                 ).mappings()
             ]

@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from cloud_hub.artifacts import ArtifactStore, open_artifacts
+from cloud_hub.store.base import lock_site, lock_sites
 from cloud_hub.store.feed import write_change
 from cloud_hub.store.schema import (
     assignments,
@@ -108,6 +109,7 @@ class ReleaseStore(SitesStore):
             if rel is None:
                 raise KeyError(f"{name} {version} is not published")
             table = shadow_assignments if shadow else assignments
+            lock_sites(conn, list(site_ids))
             for site in site_ids:
                 conn.execute(table.delete().where(table.c.site_id == site, table.c.name == name))
                 conn.execute(
@@ -142,6 +144,7 @@ class ReleaseStore(SitesStore):
         now: float | None = None,
     ) -> None:
         with self.engine.begin() as conn:
+            lock_site(conn, site_id)  # two reports of one version: one after the other
             conn.execute(
                 install_status.delete().where(
                     install_status.c.site_id == site_id,
@@ -296,6 +299,7 @@ class ReleaseStore(SitesStore):
                     )
                 }
             )
+            lock_sites(conn, sites_)
             for site in sites_:
                 write_change(
                     conn,

@@ -1,15 +1,23 @@
 """The hub's tables and their migrations: SQLAlchemy Core, the same on SQLite (embedded
 default) and PostgreSQL (production). :func:`connect` applies every pending migration, each in
-its own transaction and recorded in ``hub_migrations``.
+its own transaction and recorded in ``hub_migrations``, under a lock that makes one replica do
+it while the others wait (PostgreSQL: a session advisory lock; SQLite: an exclusive
+transaction), so every replica can start at the same moment. A database whose schema is newer
+than this code (a migration it does not know) is refused with :class:`SchemaTooNew`.
+
+The tables below are the current schema: a fresh database gets them whole from the first
+migrations (``create(checkfirst=True)``); later migrations that change existing tables are
+functions that look before they alter, so they are no-ops on a fresh database.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 metadata = sa.MetaData()
 
@@ -28,6 +36,9 @@ sites = sa.Table(
     sa.Column("enrolled_at", sa.Float, nullable=False),
     sa.Column("last_seen_at", sa.Float),
     sa.Column("health", sa.Text),  # last heartbeat payload (JSON)
+    # the last feed position handed out for this site (feed.write_change): taken under this
+    # row's lock inside the writing transaction, so positions are in commit order
+    sa.Column("feed_last", sa.BigInteger, nullable=False, server_default="0"),
 )
 enrollment_tokens = sa.Table(
     "enrollment_tokens",
@@ -48,7 +59,7 @@ records = sa.Table(
     sa.Column("lane", sa.String(10), nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("hlc", sa.String(100), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
 )
@@ -77,11 +88,14 @@ changes = sa.Table(  # the change feed a site pulls (cloud-side edits, assignmen
         autoincrement=True,
     ),
     sa.Column("site_id", sa.String(64), nullable=False, index=True),
+    # the site's feed position (what a site's cursor counts): per site, in commit order
+    sa.Column("pos", sa.BigInteger, nullable=False),
     sa.Column("type", sa.String(40), nullable=False),
     sa.Column("key", sa.String(200), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),  # model changes use milliseconds
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("site_id", "pos", name="changes_site_pos"),
 )
 
 conflict_queue = sa.Table(  # manual review: both versions kept until a person decides
@@ -100,7 +114,7 @@ conflict_queue = sa.Table(  # manual review: both versions kept until a person d
     sa.Column("edge_hlc", sa.String(100), nullable=False),
     sa.Column("cloud_payload", sa.Text, nullable=False),
     sa.Column("cloud_hlc", sa.String(100), nullable=False),
-    sa.Column("cloud_version", sa.Integer, nullable=False),
+    sa.Column("cloud_version", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("resolved_at", sa.Float),
     sa.Column("resolution", sa.String(10)),
@@ -166,30 +180,129 @@ archive_objects = sa.Table(  # each site's archived instances (encrypted at the 
     sa.Column("stored_at", sa.Float, nullable=False),
 )
 
-MIGRATIONS: tuple[tuple[str, Sequence[sa.Table]], ...] = (
+
+class SchemaTooNew(RuntimeError):
+    """The database holds migrations this code does not know: it was upgraded by a newer
+    hub. Starting would write rows the newer schema does not expect."""
+
+
+def _columns(conn: Connection, table: str) -> dict[str, Any]:
+    return {c["name"]: c for c in sa.inspect(conn).get_columns(table)}
+
+
+def _wide_versions_and_site_feed(conn: Connection) -> None:
+    """Versions as 64-bit integers (model changes carry milliseconds since the epoch, which a
+    32-bit column cannot hold on PostgreSQL), and feed positions per site, assigned in commit
+    order (see :mod:`cloud_hub.store.feed`). Existing positions keep their values (a site's
+    stored cursor stays valid); new ones continue after the site's highest."""
+    if conn.dialect.name == "postgresql":
+        for table, column in (
+            ("records", "version"),
+            ("changes", "version"),
+            ("conflicts", "cloud_version"),
+        ):
+            conn.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT"))
+    # (SQLite's INTEGER is 64-bit whatever the declared type)
+    if "feed_last" not in _columns(conn, "sites"):
+        conn.execute(sa.text("ALTER TABLE sites ADD COLUMN feed_last BIGINT NOT NULL DEFAULT 0"))
+    if "pos" not in _columns(conn, "changes"):
+        conn.execute(sa.text("ALTER TABLE changes ADD COLUMN pos BIGINT"))
+        conn.execute(sa.text('UPDATE changes SET pos = "cursor"'))
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE changes ALTER COLUMN pos SET NOT NULL"))
+        conn.execute(sa.text("CREATE UNIQUE INDEX changes_site_pos ON changes (site_id, pos)"))
+        conn.execute(
+            sa.text(
+                "UPDATE sites SET feed_last = COALESCE("
+                "(SELECT MAX(pos) FROM changes WHERE changes.site_id = sites.site_id), 0)"
+            )
+        )
+
+
+Migration = Sequence[sa.Table] | Callable[[Connection], None]
+
+MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_sites_records_feed", (sites, enrollment_tokens, records, lane_seqs, lanes, changes)),
     ("0002_conflicts", (conflict_queue,)),
     ("0003_releases", (releases, assignments, install_status)),
     ("0004_rollouts", (rollouts,)),
     ("0005_shadow_assignments", (shadow_assignments,)),
     ("0006_archive", (archive_objects,)),
+    ("0007_wide_versions_site_feed", _wide_versions_and_site_feed),
 )
 
+#: the advisory lock key replicas take while migrating (any constant shared by all of them)
+MIGRATION_LOCK = 0x6875625F6D6967  # "hub_mig"
 
-def connect(url: str) -> Engine:
-    """An engine for ``url`` with every pending migration applied (each in a transaction,
-    recorded in ``hub_migrations``)."""
-    engine = sa.create_engine(url, future=True, pool_pre_ping=True)
-    with engine.begin() as conn:
-        hub_migrations.create(conn, checkfirst=True)
-    for name, tables in MIGRATIONS:
-        with engine.begin() as conn:
-            done = conn.execute(
-                sa.select(hub_migrations.c.name).where(hub_migrations.c.name == name)
-            ).first()
-            if done:
-                continue
-            for t in tables:
-                t.create(conn, checkfirst=True)
-            conn.execute(hub_migrations.insert().values(name=name, applied_at=time.time()))
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply every pending migration, one replica at a time; returns the names applied.
+    Raises :class:`SchemaTooNew` when the database knows migrations this code does not."""
+    applied: list[str] = []
+    pg = engine.dialect.name == "postgresql"
+    # SQLite: each step in an exclusive transaction (another process waits for it)
+    opts = {} if pg else {"sqlite_begin": "BEGIN EXCLUSIVE"}
+    with engine.connect().execution_options(**opts) as conn:
+        if pg:  # a session lock: the other replicas wait here, then find everything done
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+            conn.commit()
+        try:
+            with conn.begin():
+                hub_migrations.create(conn, checkfirst=True)
+                done = set(conn.execute(sa.select(hub_migrations.c.name)).scalars())
+            unknown = sorted(done - {name for name, _ in MIGRATIONS})
+            if unknown:
+                raise SchemaTooNew(
+                    "the hub database has migrations this cloud-hub does not know "
+                    f"({', '.join(unknown)}): it was upgraded by a newer version; run that "
+                    "version or a later one"
+                )
+            for name, step in MIGRATIONS:
+                with conn.begin():
+                    if conn.execute(
+                        sa.select(hub_migrations.c.name).where(hub_migrations.c.name == name)
+                    ).first():
+                        continue
+                    if callable(step):
+                        step(conn)
+                    else:
+                        for t in step:
+                            t.create(conn, checkfirst=True)
+                    conn.execute(hub_migrations.insert().values(name=name, applied_at=time.time()))
+                    applied.append(name)
+        finally:
+            if pg:
+                conn.rollback()
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+                conn.commit()
+    return applied
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """Real transactions on SQLite: the driver's own implicit ones begin only before a
+    write, so a read and the write it decides would not be atomic. Every transaction
+    begins explicitly (``BEGIN``, or what the connection's ``sqlite_begin`` execution
+    option says), and waits up to 30 s for another writer."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA busy_timeout = 30000")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+
+def connect(url: str, **engine_options: Any) -> Engine:
+    """An engine for ``url`` with every pending migration applied (:func:`migrate`).
+    ``engine_options`` go to :func:`sqlalchemy.create_engine` (pool sizes)."""
+    engine = sa.create_engine(url, future=True, pool_pre_ping=True, **engine_options)
+    if engine.dialect.name == "sqlite":
+        _sqlite_transactions(engine)
+    try:
+        migrate(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine

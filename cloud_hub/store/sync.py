@@ -2,7 +2,9 @@
 once, each ``(site, lane, seq)`` at most once; the lane's high-water mark is the highest seq
 with every lower seq of the lane held (applied or rejected). A change to an existing record
 based on an older version goes through the conflict rule of its data type. Every query is
-scoped by ``site_id``: a site can read and write only its own rows.
+scoped by ``site_id``: a site can read and write only its own rows. Every write here takes the
+site's lock first (:mod:`cloud_hub.store.base`), so a push, a cloud edit and a conflict's
+resolution for one site never interleave, on any replica.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cloud_hub.store.base import StoreBase
+from cloud_hub.store.base import StoreBase, cas_record, lock_site
 from cloud_hub.store.feed import write_change
 from cloud_hub.store.schema import conflict_queue, lane_seqs, lanes, records, sites
 from hub_protocol import (
@@ -71,9 +73,11 @@ class SyncStore(StoreBase):
         now = time.time() if now is None else now
         out: list[Receipt] = []
         with self.engine.begin() as conn:
+            if not lock_site(conn, site_id):
+                raise KeyError(f"no site {site_id}")
             hw = self._high_water(conn, site_id)
             held: set[tuple[str, int]] = set()
-            for lane in {r.lane for r in batch.records}:
+            for lane in sorted({r.lane for r in batch.records}, key=lambda x: x.value):
                 lane_recs = [r.seq for r in batch.records if r.lane is lane]
                 held.update(
                     (lane.value, int(s))
@@ -145,7 +149,7 @@ class SyncStore(StoreBase):
                 conn.execute(records.insert(), inserts)
             if seq_rows:
                 conn.execute(lane_seqs.insert(), seq_rows)
-            for lane in touched:
+            for lane in sorted(touched, key=lambda x: x.value):  # one order in every writer
                 hw[lane] = self._advance(conn, site_id, lane, hw.get(lane, 0))
             conn.execute(sites.update().where(sites.c.site_id == site_id).values(last_seen_at=now))
         return PushReceipt(receipts=tuple(out), high_water=hw)
@@ -162,20 +166,18 @@ class SyncStore(StoreBase):
         ).one()
 
         def write(payload: dict[str, Any], hlc: str) -> int:
-            conn.execute(
-                records.update()
-                .where(records.c.site_id == site_id, records.c.key == rec.key)
-                .values(
-                    type=rec.type.value,
-                    lane=rec.lane.value,
-                    seq=rec.seq,
-                    hlc=hlc,
-                    version=current + 1,
-                    payload=json.dumps(payload, sort_keys=True),
-                    received_at=now,
-                )
+            return cas_record(
+                conn,
+                site_id,
+                rec.key,
+                current,
+                type=rec.type.value,
+                lane=rec.lane.value,
+                seq=rec.seq,
+                hlc=hlc,
+                payload=json.dumps(payload, sort_keys=True),
+                received_at=now,
             )
-            return current + 1
 
         if rec.base_version == current:
             return ReceiptStatus.APPLIED, write(dict(rec.payload), rec.hlc.encode()), ""
@@ -231,12 +233,20 @@ class SyncStore(StoreBase):
             if s != hw + 1:
                 break
             hw = s
+        # a high-water mark only grows (the guard holds even for a writer without the lock)
         updated = conn.execute(
             lanes.update()
-            .where(lanes.c.site_id == site_id, lanes.c.lane == lane.value)
+            .where(lanes.c.site_id == site_id, lanes.c.lane == lane.value, lanes.c.high_water <= hw)
             .values(high_water=hw)
         )
         if updated.rowcount == 0:
+            stored = conn.execute(
+                sa.select(lanes.c.high_water).where(
+                    lanes.c.site_id == site_id, lanes.c.lane == lane.value
+                )
+            ).scalar()
+            if stored is not None:
+                return int(stored)
             conn.execute(lanes.insert().values(site_id=site_id, lane=lane.value, high_water=hw))
         return hw
 
@@ -255,10 +265,7 @@ class SyncStore(StoreBase):
         body = json.dumps(payload, sort_keys=True)
         hlc = HLC(int(now * 1000), 0, "hub").encode()
         with self.engine.begin() as conn:
-            if (
-                conn.execute(sa.select(sites.c.site_id).where(sites.c.site_id == site_id)).first()
-                is None
-            ):
+            if not lock_site(conn, site_id):
                 raise KeyError(f"no site {site_id}")
             row = conn.execute(
                 sa.select(records.c.version).where(
@@ -281,11 +288,8 @@ class SyncStore(StoreBase):
                     )
                 )
             else:
-                version = int(row[0]) + 1
-                conn.execute(
-                    records.update()
-                    .where(records.c.site_id == site_id, records.c.key == key)
-                    .values(hlc=hlc, version=version, payload=body, received_at=now)
+                version = cas_record(
+                    conn, site_id, key, int(row[0]), hlc=hlc, payload=body, received_at=now
                 )
             write_change(
                 conn,

@@ -40,9 +40,11 @@ class HubAuthError(PermanentError):
 class HubRejected(PermanentError):
     """Another 4xx: the request itself is wrong; ``status`` and the hub's message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str = "") -> None:
         super().__init__(f"hub refused the request ({status}): {message}")
         self.status = status
+        self.code = code
+        self.message = message
 
 
 class HubClient(Protocol):
@@ -92,9 +94,13 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> Any:
         body = {}
     if resp.status < 300:
         return body
-    message = body.get("error", {}).get("message", text[:200]) if isinstance(body, dict) else ""
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    message = err.get("message", text[:200]) if isinstance(err, dict) else ""
+    code = str(err.get("code", "")) if isinstance(err, dict) else ""
     if resp.status in (401, 403):
         raise HubAuthError(f"hub says {resp.status}: {message}")
+    if resp.status == 409 and code == "already_resolved":  # final: someone decided first
+        raise HubRejected(resp.status, message, code)
     if resp.status in (408, 409, 429) or resp.status >= 500:
         raise HubUnavailable(f"hub says {resp.status}: {message}")
     raise HubRejected(resp.status, message)

@@ -318,6 +318,8 @@ async def resolve_conflict(request: web.Request) -> web.Response:
     except HubUnavailable as exc:
         raise ApiError(503, "hub_unreachable", f"the hub cannot be reached now: {exc}") from exc
     except HubRejected as exc:
+        if exc.code == "already_resolved":  # two people at once: the first decision stands
+            raise ApiError(409, "already_resolved", exc.message) from exc
         raise ApiError(404, "not_found", f"no open conflict {cid}") from exc
     await audit(request, "conflict.resolve", str(cid), take)
     return web.json_response({"conflict_id": cid, "take": take, "version": version})

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,17 +21,9 @@ from cloud_hub.store import HubStore, connect
 from hub_protocol import HLC, Lane, PushBatch, Record, RecordType
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def hub_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'hub.db'}"
-    base: str = request.getfixturevalue("postgres_url")
-    import psycopg
-
-    name = f"hub_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return base.rsplit("/", 1)[0] + f"/{name}"
+@pytest.fixture
+def hub_url(hub_db_url: str) -> str:
+    return hub_db_url
 
 
 @asynccontextmanager

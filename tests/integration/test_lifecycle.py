@@ -61,9 +61,12 @@ def _send(app: Any, clock: Any, tmp: Path, tag: str, slices: int = 4) -> str:
 
 
 async def _with_hub(
-    tmp_path: Path, app: Any, body: Callable[[HubStore, HttpHubClient, Uplink], Awaitable[None]]
+    tmp_path: Path,
+    app: Any,
+    body: Callable[[HubStore, HttpHubClient, Uplink], Awaitable[None]],
+    url: str | None = None,
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    url = url or f"sqlite:///{tmp_path / 'hub.db'}"
     hub_store = HubStore(connect(url))
     cfg = HubConfig(
         database_url=url,
@@ -97,7 +100,7 @@ def _lifecycle(app: Any, hub: HttpHubClient | None) -> Lifecycle:
 
 
 def test_a_study_ages_through_every_tier_to_the_archive_and_back(
-    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path], hub_db_url: str
 ) -> None:
     app = app_factory(make_config(tmp_path))
     app.registry.install(ref_models[SEG_NAME])
@@ -181,7 +184,7 @@ def test_a_study_ages_through_every_tier_to_the_archive_and_back(
         await lc.run_due(only=["tiers"])  # the hub has it: the copy just goes
         assert _tiers(app, uid) == {"archived"} and not _files(hot_root)
 
-    asyncio.run(_with_hub(tmp_path, app, body))
+    asyncio.run(_with_hub(tmp_path, app, body, hub_db_url))
 
 
 def test_retention_per_modality_and_keep_days(app_factory: Any, tmp_path: Path, clock: Any) -> None:

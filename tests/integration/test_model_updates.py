@@ -41,12 +41,12 @@ def variant(src: Path, dest: Path, version: str, *, break_selftest: bool = False
     return dest
 
 
-def test_signed_rollout_to_an_edge(tmp_path: Path) -> None:
+def test_signed_rollout_to_an_edge(tmp_path: Path, hub_db_url: str) -> None:
     ops, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     base = next(
         r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
     )
-    hub_db, artifacts = f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "artifacts"
+    hub_db, artifacts = hub_db_url, tmp_path / "artifacts"
     hub_store = HubStore(connect(hub_db))
 
     def publish(
@@ -220,12 +220,14 @@ def test_models_history_and_rollback_cli(
     assert f"* {SEG_NAME} 1.0.0" in hist and f"  {SEG_NAME} 1.1.0" in hist
 
 
-def test_staged_rollout_across_sites_pauses_on_a_failing_canary(tmp_path: Path) -> None:
+def test_staged_rollout_across_sites_pauses_on_a_failing_canary(
+    tmp_path: Path, hub_db_url: str
+) -> None:
     ops = Ed25519PrivateKey.generate()
     base = next(
         r for r in build_reference_packages(tmp_path / "ref") if r.name.startswith(SEG_NAME)
     )
-    hub_db, artifacts = f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "artifacts"
+    hub_db, artifacts = hub_db_url, tmp_path / "artifacts"
     hub_store = HubStore(connect(hub_db))
 
     def publish(version: str, *, break_selftest: bool = False) -> None:

@@ -341,14 +341,14 @@ def parse_manifest_of(name: str) -> Any:
 
 
 def test_shadow_sites_do_not_hold_up_a_rollout_and_get_the_version_when_it_reaches_them(
-    tmp_path: Path, ref_models: dict[str, Path]
+    tmp_path: Path, ref_models: dict[str, Path], hub_db_url: str
 ) -> None:
     import sqlalchemy as sa
 
     from cloud_hub.store.schema import assignments, shadow_assignments
 
     ops = Ed25519PrivateKey.generate()
-    store = HubStore(connect(f"sqlite:///{tmp_path / 'hub.db'}"))
+    store = HubStore(connect(hub_db_url))
     rel, archive, _ = make_release(ref_models[SEG_NAME], tmp_path / "out")
     store.publish(envelope(rel, [sign(rel, ops)]), archive.read_bytes(), tmp_path / "a")
     a, b = (store.enroll(store.create_enrollment_token(n)).site_id for n in ("A", "B"))

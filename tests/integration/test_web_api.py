@@ -466,7 +466,13 @@ def test_conflict_queue_is_resolvable_from_the_ui_api(
                     r = await client.post(
                         path, json={"take": "edge"}, headers={"X-CSRF-Token": csrf}
                     )
-                    assert r.status == 404  # already resolved
+                    # already resolved: 409 with the first decision (not a silent second one)
+                    assert r.status == 409, await r.text()
+                    err = (await _json(r))["error"]
+                    assert (
+                        err["code"] == "already_resolved"
+                        and "edge version kept by rad" in (err["message"])
+                    )
                     assert (await _json(await client.get("/api/v1/conflicts")))["conflicts"] == []
                     resolved = hub_store.conflicts(site, open_only=False)[0]
                     assert resolved["resolved_by"] == "rad"
