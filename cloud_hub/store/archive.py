@@ -26,7 +26,7 @@ class ArchiveStore(StoreBase):
     def record_archived(
         self, site_id: str, sha256: str, size: int, *, now: float | None = None
     ) -> None:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             exists = conn.execute(
                 sa.select(archive_objects.c.size).where(
                     archive_objects.c.site_id == site_id, archive_objects.c.sha256 == sha256

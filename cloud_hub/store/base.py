@@ -13,6 +13,8 @@ loudly instead of losing an update.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +27,16 @@ class StoreBase:
     """The engine every domain part of the hub store reads and writes through."""
 
     engine: Engine
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A write transaction. On SQLite it takes the database's write lock at its start
+        (``BEGIN IMMEDIATE``): one that read first and wrote later would be refused
+        ("database is locked") when another writer came in between, instead of waiting."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                yield conn
 
 
 class ConcurrentUpdate(RuntimeError):

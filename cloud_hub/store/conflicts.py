@@ -56,7 +56,7 @@ class ConflictStore(StoreBase):
         q = sa.select(conflict_queue).where(conflict_queue.c.id == conflict_id)
         if site_id is not None:
             q = q.where(conflict_queue.c.site_id == site_id)
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             owner = conn.execute(q.with_only_columns(conflict_queue.c.site_id)).scalar()
             if owner is None:
                 raise KeyError(f"no conflict {conflict_id}")

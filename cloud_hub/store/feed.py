@@ -93,7 +93,7 @@ class FeedStore(StoreBase):
         payload: dict[str, Any],
         now: float | None = None,
     ) -> int:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             return write_change(
                 conn,
                 site_id,

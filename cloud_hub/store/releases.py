@@ -54,7 +54,7 @@ class ReleaseStore(SitesStore):
         if isinstance(artifacts, (str, Path)):
             artifacts = open_artifacts(artifacts)
         artifacts.put(release.archive_sha256, archive)
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             exists = conn.execute(
                 sa.select(releases.c.archive_sha256).where(
                     releases.c.name == release.name, releases.c.version == release.version
@@ -96,7 +96,7 @@ class ReleaseStore(SitesStore):
         ``shadow``: the sites run it beside their active version without publishing its
         results, and report how far the two agree; assigning it normally later promotes it."""
         now = time.time() if now is None else now
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             rel = (
                 conn.execute(
                     sa.select(releases).where(
@@ -143,7 +143,7 @@ class ReleaseStore(SitesStore):
         *,
         now: float | None = None,
     ) -> None:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             lock_site(conn, site_id)  # two reports of one version: one after the other
             conn.execute(
                 install_status.delete().where(
@@ -179,7 +179,7 @@ class ReleaseStore(SitesStore):
         if not 1 <= percent <= 100:
             raise ValueError("percent must be 1..100")
         now = time.time() if now is None else now
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 rollouts.delete().where(rollouts.c.name == name, rollouts.c.version == version)
             )
@@ -213,7 +213,7 @@ class ReleaseStore(SitesStore):
         return dict(row)
 
     def _set_stage(self, name: str, version: str, stage: str, reason: str) -> None:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 rollouts.update()
                 .where(rollouts.c.name == name, rollouts.c.version == version)
@@ -278,7 +278,7 @@ class ReleaseStore(SitesStore):
         Returns how many sites were told."""
         r = self._rollout(name, version)
         now = time.time() if now is None else now
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             # every site that has it or had it assigned (a later assignment replaces the
             # assignment row; the install reports stay)
             sites_ = sorted(

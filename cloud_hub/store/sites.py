@@ -40,7 +40,7 @@ class SitesStore(StoreBase):
         now = time.time() if now is None else now
         # prefixed: a token starting with "-" would read as an option on a command line
         token = "enroll_" + secrets.token_urlsafe(32)
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 enrollment_tokens.insert().values(
                     token_sha256=_sha(token),
@@ -55,7 +55,7 @@ class SitesStore(StoreBase):
         """Trade a one-time token for a site id and its own credential. A used, unknown or
         expired token raises AuthError (a replayed token never enrolls twice)."""
         now = time.time() if now is None else now
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             row = (
                 conn.execute(
                     sa.select(enrollment_tokens).where(
@@ -116,7 +116,7 @@ class SitesStore(StoreBase):
             ]
 
     def heartbeat(self, site_id: str, health: dict[str, Any], *, now: float | None = None) -> None:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 sites.update()
                 .where(sites.c.site_id == site_id)

@@ -72,7 +72,7 @@ class SyncStore(StoreBase):
         """
         now = time.time() if now is None else now
         out: list[Receipt] = []
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             if not lock_site(conn, site_id):
                 raise KeyError(f"no site {site_id}")
             hw = self._high_water(conn, site_id)
@@ -264,7 +264,7 @@ class SyncStore(StoreBase):
         now = time.time() if now is None else now
         body = json.dumps(payload, sort_keys=True)
         hlc = HLC(int(now * 1000), 0, "hub").encode()
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             if not lock_site(conn, site_id):
                 raise KeyError(f"no site {site_id}")
             row = conn.execute(
