@@ -30,18 +30,24 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
 from aiohttp import web
 
-from cloud_hub.artifacts import FolderArtifacts, S3Artifacts, open_artifacts, parse_range
+from cloud_hub.artifacts import (
+    ArtifactError,
+    FolderArtifacts,
+    PartMissing,
+    S3Artifacts,
+    open_artifacts,
+    parse_range,
+    part_name,
+)
 from cloud_hub.store import AlreadyResolved, AuthError, ConcurrentUpdate, HubStore, connect
 from hub_protocol import PROTOCOL_VERSIONS, ChangePage, ProtocolError, PushBatch
 
@@ -56,14 +62,14 @@ class HubConfig:
     """``database_url``: SQLAlchemy URL (``sqlite:///hub.db`` by default,
     ``postgresql+psycopg://user@host/db`` in production). ``artifact_dir``: release archives,
     a folder or ``s3://bucket/prefix`` (:mod:`cloud_hub.artifacts`); ``archive_dir``: the
-    sites' archived instances, likewise; ``upload_dir``: unfinished archive uploads (a local
-    folder). ``ops_token``: bearer token for the fleet view and enrollment-token creation
+    sites' archived instances and their unfinished uploads, likewise (a folder is for a single
+    replica, or a volume every replica mounts read-write; several replicas need a bucket).
+    ``ops_token``: bearer token for the fleet view and enrollment-token creation
     over HTTP (empty = disabled)."""
 
     database_url: str = "sqlite:///hub.db"
     artifact_dir: str = "artifacts"
     archive_dir: str = "archive"
-    upload_dir: str = "uploads"
     host: str = "127.0.0.1"
     port: int = 8443
     ops_token: str = ""
@@ -116,6 +122,11 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
     except (sqlalchemy.exc.IntegrityError, ConcurrentUpdate):
         log.warning("concurrent write refused on %s", request.path, exc_info=True)
         return error(409, "conflict", "concurrent write for the same records; resend")
+    except ArtifactError:
+        log.exception("blob store unavailable")
+        resp = error(503, "unavailable", "the hub's object store is unavailable; retry later")
+        resp.headers["Retry-After"] = "5"
+        return resp
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError):
         # the details (host, port, pool state) are for the hub's log, not for sites
         log.exception("database unavailable")
@@ -258,25 +269,34 @@ def _sha(request: web.Request) -> str:
     return sha
 
 
-def _partial(request: web.Request, sha: str) -> Path:
-    return Path(request.app[CONFIG].upload_dir) / request[SITE] / f"{sha}.part"
-
-
 async def archive_upload_state(request: web.Request) -> web.Response:
     """How much of an archive upload the hub holds (resume from ``offset``)."""
     sha = _sha(request)
-    size = await asyncio.to_thread(request.app[STORE].archived_size, request[SITE], sha)
+    store = request.app[STORE]
+    size = await asyncio.to_thread(store.archived_size, request[SITE], sha)
     if size is not None:
         return web.json_response({"sha256": sha, "offset": size, "complete": True})
-    part = _partial(request, sha)
-    offset = part.stat().st_size if part.exists() else 0
+    up = await asyncio.to_thread(store.upload_state, request[SITE], sha)
+    offset = 0 if up is None else up.received
     return web.json_response({"sha256": sha, "offset": offset, "complete": False})
+
+
+def _mismatch(held: int) -> web.Response:
+    return web.json_response(
+        {
+            "error": {"code": "offset_mismatch", "message": f"the hub holds {held} bytes"},
+            "offset": held,
+        },
+        status=409,
+    )
 
 
 async def archive_upload(request: web.Request) -> web.Response:
     """Append a chunk at ``Upload-Offset`` of an object of ``Upload-Length`` bytes named by
-    its SHA-256. When the last byte is in, the hub checks the hash, stores the object and
-    answers ``complete``; only then may the site delete its copy."""
+    its SHA-256. Any replica may take any chunk (the upload's state is in the database, its
+    bytes in part objects of the blob store); a chunk sent again gets the same answer. When
+    the last byte is in, the hub assembles the object from its parts, checking the hash on
+    the way, and answers ``complete``; only then may the site delete its copy."""
     sha, site = _sha(request), request[SITE]
     try:
         offset = int(request.headers["Upload-Offset"])
@@ -285,41 +305,63 @@ async def archive_upload(request: web.Request) -> web.Response:
         raise ProtocolError("Upload-Offset and Upload-Length headers are required") from exc
     if not 0 <= offset <= total or total > MAX_ARCHIVE_OBJECT:
         raise ProtocolError(f"bad Upload-Offset/Upload-Length ({offset}/{total})")
-    store = request.app[STORE]
+    store, blobs = request.app[STORE], request.app[ARCHIVE]
     if await asyncio.to_thread(store.archived_size, site, sha) is not None:
         return web.json_response({"sha256": sha, "offset": total, "complete": True})
-    part = _partial(request, sha)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if offset != have:
-        return web.json_response(
-            {
-                "error": {"code": "offset_mismatch", "message": f"the hub holds {have} bytes"},
-                "offset": have,
-            },
-            status=409,
-        )
     body = await request.read()
     if offset + len(body) > total:
         raise ProtocolError("chunk goes past Upload-Length")
+    if offset == 0 and len(body) == total:  # the whole object at once: no parts
+        if hashlib.sha256(body).hexdigest() != sha:
+            return error(422, "hash_mismatch", "the uploaded bytes do not match their SHA-256")
+        await asyncio.to_thread(blobs.put, sha, body)
+        return await _archived(request, site, sha, total)
+    if not body:
+        held = await asyncio.to_thread(store.upload_state, site, sha)
+        return _mismatch(0 if held is None else held.received)
+    part = part_name(site, sha, offset, len(body))
+    await asyncio.to_thread(blobs.put_part, part, body)  # durable before it is recorded
+    res = await asyncio.to_thread(
+        store.add_upload_chunk, site, sha, offset=offset, length=len(body), total=total, part=part
+    )
+    if res.upload is None:  # archived meanwhile (by another replica)
+        return web.json_response({"sha256": sha, "offset": total, "complete": True})
+    if not res.accepted:
+        if part not in {p[2] for p in res.upload.parts}:
+            await asyncio.to_thread(blobs.delete_parts, [part])
+        return _mismatch(res.received)
+    if res.received < total:
+        return web.json_response({"sha256": sha, "offset": res.received, "complete": False})
+    # every byte is in: assemble (another replica may be doing the same: it is idempotent)
+    names = [p[2] for p in res.upload.parts]
 
-    def append() -> int:
-        with part.open("ab") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        return part.stat().st_size
+    def chunks() -> Iterator[bytes]:
+        for name in names:
+            yield from blobs.read_part(name)
 
-    have = await asyncio.to_thread(append)
-    if have < total:
-        return web.json_response({"sha256": sha, "offset": have, "complete": False})
-    data = await asyncio.to_thread(part.read_bytes)
-    part.unlink()
-    if hashlib.sha256(data).hexdigest() != sha:
+    try:
+        size = await asyncio.to_thread(blobs.put_verified, sha, chunks())
+    except ValueError:
+        dropped = await asyncio.to_thread(store.drop_upload, site, sha)
+        await asyncio.to_thread(blobs.delete_parts, [p[2] for p in (dropped or res.upload).parts])
         return error(422, "hash_mismatch", "the uploaded bytes do not match their SHA-256")
-    await asyncio.to_thread(request.app[ARCHIVE].put, sha, data)
-    await asyncio.to_thread(store.record_archived, site, sha, len(data))
-    return web.json_response({"sha256": sha, "offset": total, "complete": True}, status=201)
+    except PartMissing:
+        if await asyncio.to_thread(store.archived_size, site, sha) is not None:
+            return web.json_response({"sha256": sha, "offset": total, "complete": True})
+        # its bytes are not all there any more: the upload starts again from the beginning
+        dropped = await asyncio.to_thread(store.drop_upload, site, sha)
+        await asyncio.to_thread(blobs.delete_parts, [p[2] for p in (dropped or res.upload).parts])
+        return _mismatch(0)
+    return await _archived(request, site, sha, size)
+
+
+async def _archived(request: web.Request, site: str, sha: str, size: int) -> web.Response:
+    """Record a stored, verified object and remove its upload's parts."""
+    store, blobs = request.app[STORE], request.app[ARCHIVE]
+    done = await asyncio.to_thread(store.record_archived, site, sha, size)
+    if done is not None:
+        await asyncio.to_thread(blobs.delete_parts, [p[2] for p in done.parts])
+    return web.json_response({"sha256": sha, "offset": size, "complete": True}, status=201)
 
 
 async def archive_download(request: web.Request) -> web.StreamResponse:
@@ -442,6 +484,15 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app[CONFIG] = config
     app[ARTIFACTS] = open_artifacts(config.artifact_dir)
     app[ARCHIVE] = open_artifacts(config.archive_dir)
+
+    for what, blobs in (("release archives", app[ARTIFACTS]), ("site archives", app[ARCHIVE])):
+        if isinstance(blobs, FolderArtifacts):
+            log.warning(
+                "%s in a folder (%s): for a single hub replica only, or a volume every "
+                "replica mounts read-write; several replicas need an s3:// bucket",
+                what,
+                blobs.root,
+            )
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         s = store or HubStore(await asyncio.to_thread(connect, config.database_url))

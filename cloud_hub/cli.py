@@ -65,11 +65,6 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("HUB_ARCHIVE_DIR", "archive"),
         help="sites' archived instances: a folder, or s3://bucket/prefix",
     )
-    run.add_argument(
-        "--upload-dir",
-        default=os.environ.get("HUB_UPLOAD_DIR", "uploads"),
-        help="unfinished archive uploads (local folder)",
-    )
     run.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     run.add_argument("--tls-key", help="PEM private key for --tls-cert")
     run.set_defaults(func=_cmd_run)
@@ -209,7 +204,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         port=args.port,
         artifact_dir=args.artifact_dir,
         archive_dir=args.archive_dir,
-        upload_dir=args.upload_dir,
         ops_token=os.environ.get("HUB_OPS_TOKEN", ""),
     )
     ssl_context = None

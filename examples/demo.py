@@ -114,8 +114,6 @@ def start_hub(
                 str(artifact_dir or db.parent / "artifacts"),
                 "--archive-dir",
                 str(db.parent / "archive"),
-                "--upload-dir",
-                str(db.parent / "uploads"),
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,

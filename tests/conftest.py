@@ -321,6 +321,27 @@ def hub_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return fresh_database(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server (a real HTTP S3 API) with a bucket "releases"; the hub's and boto3's
+    environment points at it."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "hub")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hub-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HUB_S3_ENDPOINT_URL", url)
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="releases")
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
 def start_hub(
     db: Path, port: int, log: Path, artifact_dir: Path | None = None
 ) -> subprocess.Popen[bytes]:

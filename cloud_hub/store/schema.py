@@ -181,6 +181,19 @@ archive_objects = sa.Table(  # each site's archived instances (encrypted at the 
 )
 
 
+archive_uploads = sa.Table(  # chunked uploads in progress: which parts hold which bytes
+    "archive_uploads",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("total", sa.BigInteger, nullable=False),
+    sa.Column("received", sa.BigInteger, nullable=False),  # bytes 0 .. received are held
+    sa.Column("parts", sa.Text, nullable=False),  # JSON [[offset, length, part name], ...]
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
 class SchemaTooNew(RuntimeError):
     """The database holds migrations this code does not know: it was upgraded by a newer
     hub. Starting would write rows the newer schema does not expect."""
@@ -229,6 +242,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0005_shadow_assignments", (shadow_assignments,)),
     ("0006_archive", (archive_objects,)),
     ("0007_wide_versions_site_feed", _wide_versions_and_site_feed),
+    ("0008_archive_uploads", (archive_uploads,)),
 )
 
 #: the advisory lock key replicas take while migrating (any constant shared by all of them)

@@ -8,6 +8,7 @@ request as malformed: do not resend it unchanged).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -27,6 +28,10 @@ from hub_protocol import (
     Receipt,
     ReceiptStatus,
 )
+
+#: how many times in a row an archive upload may be told "another offset" before it gives up
+#: (for now: the lifecycle retries the object at its next run)
+ARCHIVE_MAX_STALLS = 6
 
 
 class HubUnavailable(TransientError):
@@ -240,7 +245,7 @@ class HttpHubClient:
         resuming from whatever the hub already holds. Returns once the hub confirmed it
         checked the hash and stored the object; returns the bytes sent this time."""
         state = await self._call("GET", f"/v1/archive/{sha256}/upload")
-        offset, sent = int(state["offset"]), 0
+        offset, sent, stalls = int(state["offset"]), 0, 0
         while not state.get("complete"):
             if not 0 <= offset <= len(data):
                 raise HubRejected(409, f"the hub holds {offset} bytes of a {len(data)}-byte object")
@@ -257,8 +262,16 @@ class HttpHubClient:
                     if r.status == 409:  # another offset at the hub: continue from there
                         state = await r.json()
                         offset = int(state["offset"])
+                        stalls += 1  # bounded, with backoff: never a tight loop
+                        if stalls > ARCHIVE_MAX_STALLS:
+                            raise HubUnavailable(
+                                f"archive upload of {sha256[:12]} makes no progress: the hub "
+                                f"answered {stalls} times with another offset ({offset})"
+                            )
+                        await asyncio.sleep(min(0.05 * 2**stalls, 5.0))
                         continue
                     state = await _raise_for(r)
+                    stalls = 0
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise HubUnavailable(f"archive upload: {type(exc).__name__}: {exc}") from exc
             sent += len(body)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,27 +26,9 @@ from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.model_updates import ModelUpdater
 from edge_agent.sync.uplink import Uplink
 from hub_protocol.releases import envelope, key_id, sign
-from tests.conftest import free_port
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "hub")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hub-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("HUB_S3_ENDPOINT_URL", url)
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="releases")
-    try:
-        yield url
-    finally:
-        server.stop()
 
 
 def test_parse_range() -> None:

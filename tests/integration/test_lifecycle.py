@@ -72,7 +72,6 @@ async def _with_hub(
         database_url=url,
         artifact_dir=str(tmp_path / "artifacts"),
         archive_dir=str(tmp_path / "hub-archive"),
-        upload_dir=str(tmp_path / "hub-uploads"),
     )
     async with TestClient(TestServer(create_app(cfg, store=hub_store))) as client:
         token = hub_store.create_enrollment_token("edge")
