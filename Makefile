@@ -36,6 +36,7 @@ system-deps:
 	command -v storescu >/dev/null && command -v echoscu >/dev/null \
 	  && command -v storescp >/dev/null || missing="$$missing dcmtk"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \

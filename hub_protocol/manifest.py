@@ -137,6 +137,21 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "items": {"type": "string", "minLength": 1},
                 },
                 "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                "codes": {
+                    "type": "object",
+                    "description": "label -> the coded concept it stands for in DICOM results "
+                    "(e.g. SNOMED CT); a label without one gets a private code",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["scheme", "value", "meaning"],
+                        "properties": {
+                            "scheme": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,16}$"},
+                            "value": {"type": "string", "minLength": 1, "maxLength": 64},
+                            "meaning": {"type": "string", "minLength": 1, "maxLength": 64},
+                        },
+                    },
+                },
                 "critical": {
                     "type": "object",
                     "description": "label -> probability (classification) or mask area in mm2 "
@@ -227,12 +242,22 @@ class Preprocessing:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LabelCode:
+    """The coded concept a label stands for (scheme designator, code value, meaning)."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     name: str
     labels: tuple[str, ...]
     activation: str = "none"
     threshold: float = 0.5
     critical: Mapping[str, float] = field(default_factory=dict)
+    codes: Mapping[str, LabelCode] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,9 +350,10 @@ def parse_manifest(raw: bytes | str | Mapping[str, Any]) -> Manifest:
     if data["model_file"] not in data["files"]:
         raise ManifestError("model_file", f"{data['model_file']!r} is not listed in files")
     pre, out, rt, st = (data["preprocessing"], data["output"], data["routing"], data["self_test"])
-    unknown = set(out.get("critical", {})) - set(out["labels"])
-    if unknown:
-        raise ManifestError("output.critical", f"unknown label(s) {sorted(unknown)}")
+    for what in ("critical", "codes"):
+        unknown = set(out.get(what, {})) - set(out["labels"])
+        if unknown:
+            raise ManifestError(f"output.{what}", f"unknown label(s) {sorted(unknown)}")
     if "clip" in pre and pre["clip"][0] >= pre["clip"][1]:
         raise ManifestError("preprocessing.clip", "low must be below high")
     shape = tuple(data["input"]["shape"])
@@ -368,6 +394,10 @@ def parse_manifest(raw: bytes | str | Mapping[str, Any]) -> Manifest:
             activation=out.get("activation", "none"),
             threshold=float(out.get("threshold", 0.5)),
             critical={k: float(v) for k, v in out.get("critical", {}).items()},
+            codes={
+                k: LabelCode(scheme=v["scheme"], value=v["value"], meaning=v["meaning"])
+                for k, v in out.get("codes", {}).items()
+            },
         ),
         routing=RoutingRule(
             modality=tuple(m.upper() for m in rt.get("modality", ())),

@@ -137,6 +137,24 @@ def dataset_sha(path: Path) -> str:
     return hashlib.sha256(split_part10(path.read_bytes())[1]).hexdigest()
 
 
+def dciodvfy(path: Path | str) -> list[str]:
+    """What dicom3tools' ``dciodvfy`` says about a DICOM file: its error and warning lines
+    (none for a valid object). Skips without the tool, unless REQUIRE_DCMTK=1 (make test
+    installs it), where its absence fails the test."""
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("REQUIRE_DCMTK") == "1":
+            pytest.fail("REQUIRE_DCMTK=1 but dciodvfy (dicom3tools) is not on PATH")
+        pytest.skip("dciodvfy not installed (make test installs dicom3tools)")
+    r = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    return [
+        line.strip()
+        for line in (r.stdout + r.stderr).splitlines()
+        if line.startswith(("Error", "Warning"))
+    ]
+
+
 def run_tool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run(

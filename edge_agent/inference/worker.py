@@ -264,10 +264,11 @@ class InferenceWorker:
                 masks = out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
                 binary = masks >= manifest.output.threshold
                 if binary.any() and masks.shape[1:] == (int(dss[0].Rows), int(dss[0].Columns)):
-                    seg = make_seg(result, dss, binary)
+                    seg = make_seg(result, dss, binary, manifest.output.codes)
                     objects.append(write_object(data_dir, result.result_id, "SEG", seg))
             unique = list({id(d): d for d in dss}.values())
-            objects.append(write_object(data_dir, result.result_id, "SR", make_sr(result, unique)))
+            sr = make_sr(result, unique, manifest.output.codes)
+            objects.append(write_object(data_dir, result.result_id, "SR", sr))
         return result, objects, (items, out)
 
     def _shadow(

@@ -1,18 +1,32 @@
 """Results as standard DICOM objects, built with highdicom.
 
 * SEG (binary) for segmentation masks, referencing the source images, with the model as the
-  segment's algorithm identification (name, version, family "Artificial Intelligence").
-* Comprehensive SR with a TID 1500 Measurement Report: area, volume, mean intensity for
-  segmentations; per-label probabilities and the top label for classifications; the model
-  name and version as the algorithm identification; the source images as evidence.
+  segment's algorithm identification (name, version, family "Artificial Intelligence") and
+  the label's coded concept as the segmented property type.
+* Comprehensive SR with a TID 1500 Measurement Report: area, volume, mean intensity (HU) for
+  segmentations; for classifications one measurement group per label (its coded concept as
+  the finding, DCM 122157 "Probability"); whether the result is critical (LOINC 73568-8
+  "Communication of Critical Results": SCT Yes / No); the model name and version as the
+  algorithm identification; the source images as evidence.
 
-UIDs are derived from the result id, so re-encoding one result gives the same UIDs.
+Codes: a label's concept comes from its model manifest (``output.codes``, e.g. SNOMED CT);
+only a label without one gets a code of the private scheme :data:`CODING_SCHEME`, which is
+then declared in the Coding Scheme Identification Sequence (0008,0110). Every other concept
+is standard (SCT, DCM, LN, UCUM).
+
+Each object has a Series Description naming the model and version, Series Date/Time of the
+result, and a series number of its own per model and kind (:func:`series_number`), so a
+viewer lists them as distinct, titled series. UIDs are derived from the result id, so
+re-encoding one result gives the same UIDs.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -21,13 +35,17 @@ from pydicom.sr.codedict import codes
 
 from edge_agent import __version__
 from edge_agent.results.models import Result
+from hub_protocol.manifest import LabelCode
 
 MANUFACTURER = "Edge Agent"
 MODEL_NAME = "edge-agent"
-#: Our private coding scheme for model labels that have no standard code.
+#: The private coding scheme for model labels whose manifest gives no standard code.
 CODING_SCHEME = "99EDGEAI"
-SEG_SERIES_NUMBER = 9901
-SR_SERIES_NUMBER = 9902
+#: LOINC 73568-8: the concept under which an SR says whether the result is critical
+CRITICAL = hd.sr.CodedConcept(
+    value="73568-8", scheme_designator="LN", meaning="Communication of Critical Results"
+)
+_KINDS = {"SEG": 1, "SR": 2}
 
 
 def derived_uid(result_id: str, what: str) -> str:
@@ -35,20 +53,76 @@ def derived_uid(result_id: str, what: str) -> str:
     return "2.25." + str(uuid.uuid5(uuid.UUID(result_id), what).int)
 
 
-def _label_code(label: str) -> hd.sr.CodedConcept:
+def series_number(model_name: str, kind: str) -> int:
+    """The series number of a model's ``kind`` (SEG, SR) objects: 9000-9899, the last digit
+    says the kind, the others come from the model name, so two models' series (and a model's
+    SEG and SR) are told apart in a viewer. (Two model names can share the tens, 1 in 90.)"""
+    return 9000 + (zlib.crc32(model_name.encode()) % 90) * 10 + _KINDS[kind]
+
+
+def label_code(label: str, label_codes: Mapping[str, LabelCode]) -> hd.sr.CodedConcept:
+    """The coded concept for a model's label: the manifest's, else a private code."""
+    c = label_codes.get(label)
+    if c is not None:
+        return hd.sr.CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
     return hd.sr.CodedConcept(
-        value=label.upper()[:16], scheme_designator=CODING_SCHEME, meaning=label
+        value=label.upper()[:16], scheme_designator=CODING_SCHEME, meaning=label[:64]
     )
 
 
-def make_seg(result: Result, sources: Sequence[Dataset], masks: np.ndarray) -> Dataset:
+def _series(result: Result, kind: str, what: str) -> dict[str, Any]:
+    """Series Description, Series and Content Date/Time (the result's, in the site's local
+    time, as DICOM dates are) and number for one of ``result``'s objects."""
+    when = time.localtime(result.created_at)
+    return {
+        "series_number": series_number(result.model_name, kind),
+        "series_description": f"AI {what}: {result.model_name} {result.model_version}"[:64],
+        "series_date": time.strftime("%Y%m%d", when),
+        "series_time": time.strftime("%H%M%S", when),
+        "content_date": time.strftime("%Y%m%d", when),
+        "content_time": time.strftime("%H%M%S", when),
+    }
+
+
+def _declare_private(ds: Dataset) -> Dataset:
+    """Declare the private coding scheme in (0008,0110) if the object uses it."""
+    if CODING_SCHEME in _schemes_used(ds):
+        item = Dataset()
+        item.CodingSchemeDesignator = CODING_SCHEME
+        item.CodingSchemeName = "Edge Agent model labels"
+        item.CodingSchemeResponsibleOrganization = MANUFACTURER
+        ds.CodingSchemeIdentificationSequence = [item]
+    return ds
+
+
+def _schemes_used(ds: Dataset) -> set[str]:
+    found: set[str] = set()
+
+    def walk(d: Dataset) -> None:
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.keyword == "CodingSchemeDesignator":
+                found.add(str(elem.value))
+
+    walk(ds)
+    return found
+
+
+def make_seg(
+    result: Result,
+    sources: Sequence[Dataset],
+    masks: np.ndarray,
+    label_codes: Mapping[str, LabelCode] | None = None,
+) -> Dataset:
     """Binary SEG of ``masks`` ([N, rows, cols] bool, one per source image, same order)."""
     label = str(result.findings["label"])
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
+        segmented_property_type=label_code(label, label_codes or {}),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=result.model_name,
@@ -56,13 +130,12 @@ def make_seg(result: Result, sources: Sequence[Dataset], masks: np.ndarray) -> D
             family=codes.cid7162.ArtificialIntelligence,
         ),
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=masks.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
         series_instance_uid=derived_uid(result.result_id, "seg-series"),
-        series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=derived_uid(result.result_id, "seg"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -72,16 +145,44 @@ def make_seg(result: Result, sources: Sequence[Dataset], masks: np.ndarray) -> D
         content_label="AI_SEG",
         content_description=f"{result.model_name} {result.model_version}"[:64],
         omit_empty_frames=True,  # standard practice: a slice without finding has no frame
+        **_series(result, "SEG", "segmentation"),
     )
+    return _declare_private(seg)
 
 
-def make_sr(result: Result, sources: Sequence[Dataset]) -> Dataset:
+def make_sr(
+    result: Result,
+    sources: Sequence[Dataset],
+    label_codes: Mapping[str, LabelCode] | None = None,
+) -> Dataset:
     """Comprehensive SR (TID 1500) with the result's measurements/classification."""
     f = result.findings
+    lc = label_codes or {}
     algo = hd.sr.AlgorithmIdentification(name=result.model_name, version=result.model_version)
-    measurements: list[hd.sr.Measurement] = []
-    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    critical = hd.sr.QualitativeEvaluation(
+        name=CRITICAL, value=codes.SCT.Yes if result.critical else codes.SCT.No
+    )
+
+    def group(
+        finding: hd.sr.CodedConcept,
+        what: str,
+        measurements: list[hd.sr.Measurement],
+        evaluations: list[hd.sr.QualitativeEvaluation],
+    ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(result.result_id, f"tracking-{what}"),
+                identifier=f"{result.model_name} {result.model_version} {what}"[:64],
+            ),
+            finding_type=finding,
+            algorithm_id=algo,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+        )
+
+    groups = []
     if result.task == "segmentation":
+        measurements = []
         for key, name, unit in (
             ("area_mm2_total", codes.SCT.Area, codes.UCUM.SquareMillimeter),
             ("volume_mm3", codes.SCT.Volume, codes.UCUM.CubicMillimeter),
@@ -91,45 +192,21 @@ def make_sr(result: Result, sources: Sequence[Dataset]) -> Dataset:
                 measurements.append(
                     hd.sr.Measurement(name=name, value=float(f[key]), unit=unit, algorithm_id=algo)
                 )
-        finding = _label_code(str(f["label"]))
+        label = str(f["label"])
+        groups.append(group(label_code(label, lc), label, measurements, [critical]))
     else:
-        for label, p in dict(f["probabilities"]).items():
-            measurements.append(
-                hd.sr.Measurement(
-                    name=hd.sr.CodedConcept(
-                        value=f"P-{label.upper()}"[:16],
-                        scheme_designator=CODING_SCHEME,
-                        meaning=f"Probability of {label}",
-                    ),
-                    value=float(p),
-                    unit=codes.UCUM.NoUnits,
-                    algorithm_id=algo,
-                )
+        top = str(f["top_label"])
+        probabilities = dict(f["probabilities"])
+        # the top label first, with whether the result is critical; then the others
+        for label in sorted(probabilities, key=lambda x: x != top):
+            probability = hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=float(probabilities[label]),
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=algo,
             )
-        finding = _label_code(str(f["top_label"]))
-        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.SCT.Finding, value=finding))
-    evaluations.append(
-        hd.sr.QualitativeEvaluation(
-            name=hd.sr.CodedConcept(
-                value="CRITICAL", scheme_designator=CODING_SCHEME, meaning="Critical finding"
-            ),
-            value=hd.sr.CodedConcept(
-                value="Y" if result.critical else "N",
-                scheme_designator=CODING_SCHEME,
-                meaning="Yes" if result.critical else "No",
-            ),
-        )
-    )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(result.result_id, "tracking"),
-            identifier=f"{result.model_name} {result.model_version} result"[:64],
-        ),
-        finding_type=finding,
-        algorithm_id=algo,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-    )
+            evaluations = [critical] if label == top else []
+            groups.append(group(label_code(label, lc), label, [probability], evaluations))
     context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -143,18 +220,17 @@ def make_sr(result: Result, sources: Sequence[Dataset]) -> Dataset:
     )
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=hd.sr.CodedConcept(
-            value="363679005", scheme_designator="SCT", meaning="Imaging"
-        ),
-        imaging_measurements=[group],
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
     )
-    return hd.sr.ComprehensiveSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=list(sources),
         content=report,
         series_instance_uid=derived_uid(result.result_id, "sr-series"),
-        series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(result.result_id, "sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
+        **_series(result, "SR", "report"),
     )
+    return _declare_private(sr)

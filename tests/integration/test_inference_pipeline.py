@@ -19,7 +19,7 @@ from edge_agent.inference.reference_models import (
 )
 from edge_agent.samples import make_study
 from hub_protocol.package import write_manifest_files
-from tests.conftest import TEST_FILES, make_config, storescu
+from tests.conftest import TEST_FILES, dciodvfy, make_config, storescu
 
 pytestmark = pytest.mark.dcmtk
 
@@ -297,6 +297,39 @@ def test_seg_and_sr_read_back_and_reference_the_source(
     walk(sr.ContentSequence)
     assert texts["Algorithm Name"] == {SEG_NAME}
     assert texts["Algorithm Version"] == {"1.0.0"}
+    # standard codes only: the finding is SNOMED CT "Lesion" in SEG and SR alike
+    assert group.finding_type == hd.sr.CodedConcept("52988006", "SCT", "Lesion")
+    prop = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (prop.CodingSchemeDesignator, prop.CodeValue) == ("SCT", "52988006")
+    (critical,) = group.get_qualitative_evaluations()
+    assert critical.name.value == "73568-8" and critical.value.scheme_designator == "SCT"
+
+    cls_sr = hd.sr.ComprehensiveSR.from_dataset(
+        pydicom.dcmread(data_dir / objs[(CLS_NAME, "SR")]["path"])
+    )
+    groups = cls_sr.content.get_image_measurement_groups()
+    top = json.loads(
+        app.store.query("SELECT findings FROM results WHERE model_name = ?", (CLS_NAME,))[0][0]
+    )
+    assert len(groups) == 3  # one per label, the top label first, each with its probability
+    assert groups[0].finding_type.meaning == {
+        "normal": "Normal", "nodule": "Nodule", "effusion": "Pleural effusion"
+    }[top["top_label"]]  # fmt: skip
+    for g in groups:
+        (m,) = g.get_measurements()
+        assert (m.name.value, m.name.scheme_designator) == ("122157", "DCM")
+        assert g.finding_type.scheme_designator == "SCT"
+    # every object: titled, dated, a series number of its own, valid (dciodvfy: no error,
+    # no warning at all: nothing private left to warn about)
+    numbers = set()
+    for (model, kind), row in objs.items():
+        ds = pydicom.dcmread(data_dir / row["path"])
+        assert ds.SeriesDescription.startswith("AI ") and model in ds.SeriesDescription
+        assert len(ds.SeriesDate) == 8 and ds.SeriesTime
+        assert "CodingSchemeIdentificationSequence" not in ds  # no private scheme used
+        numbers.add(int(ds.SeriesNumber))
+        assert dciodvfy(data_dir / row["path"]) == [], (model, kind)
+    assert len(numbers) == 3
 
 
 @pytest.fixture

@@ -76,6 +76,16 @@ def _broken(m: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("self_test.expect", KeyError, "self_test.expect"),
         ("model_file", "other.onnx", "model_file"),
         ("output.critical", {"tumour": 1.0}, "output.critical"),
+        (
+            "output.codes",
+            {"tumour": {"scheme": "SCT", "value": "1", "meaning": "x"}},
+            "output.codes",
+        ),
+        (
+            "output.codes",
+            {"lesion": {"scheme": "SCT", "value": "1"}},
+            "output.codes.lesion.meaning",
+        ),
         ("preprocessing.channels", 3, "preprocessing.channels"),
         ("files", {"../model.onnx": {"sha256": "0" * 64, "size": 1}}, "files"),
     ],
@@ -86,6 +96,42 @@ def test_manifest_errors_name_the_field(
     with pytest.raises(ManifestError) as err:
         parse_manifest(_broken(manifest_dict(packages), path, value))
     assert err.value.field == field, err.value
+
+
+def test_a_label_without_a_code_gets_a_declared_private_one(
+    packages: dict[str, Path], tmp_path: Path
+) -> None:
+    """A third-party model whose manifest codes no label: its SR uses the private scheme
+    and declares it in (0008,0110); with the manifest's code it uses that instead."""
+    import pydicom
+
+    from edge_agent.results.dicom import CODING_SCHEME, make_sr
+    from edge_agent.results.models import Result, uuid7
+    from edge_agent.samples import make_study
+    from hub_protocol.manifest import LabelCode
+
+    study = make_study(tmp_path, slices=2, size=64)
+    sources = [pydicom.dcmread(f) for f in study.files]
+    result = Result(
+        result_id=uuid7(), job_id=1, study_uid=study.study_uid,
+        series_uid=str(sources[0].SeriesInstanceUID), model_name="third-party",
+        model_version="2.0.0", model_sha256="0" * 64, provider="cpu", task="classification",
+        findings={"probabilities": {"calc": 0.8, "clear": 0.2}, "top_label": "calc"},
+        critical=False, instances=2, preprocess_ms=0, inference_ms=0, created_at=1.7e9,
+    )  # fmt: skip
+    private = make_sr(result, sources)
+    (declared,) = private.CodingSchemeIdentificationSequence
+    assert declared.CodingSchemeDesignator == CODING_SCHEME
+    coded = make_sr(
+        result,
+        sources,
+        {
+            "calc": LabelCode(scheme="SCT", value="18115005", meaning="Calcification"),
+            "clear": LabelCode(scheme="SCT", value="17621005", meaning="Normal"),
+        },
+    )
+    assert "CodingSchemeIdentificationSequence" not in coded
+    assert CODING_SCHEME not in str(coded)
 
 
 def test_manifest_not_json() -> None:
