@@ -193,7 +193,11 @@ class EdgeApp:
         self.accounts = compose.accounts(cfg, self.store)
         self.web_port: int | None = None
         self.forwarder = Forwarder(
-            cfg.results, store=self.store, data_dir=self.data_dir, clock=self.clock
+            cfg.results,
+            calling_ae=cfg.results.calling_ae_title or cfg.dicom.ae_title,
+            store=self.store,
+            data_dir=self.data_dir,
+            clock=self.clock,
         )
 
     def _recover(self) -> RecoveryReport:

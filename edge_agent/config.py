@@ -523,14 +523,15 @@ class ResultsConfig:
 
     dicom_outputs: bool = True
     destinations: tuple[Destination, ...] = ()
-    calling_ae_title: str = "EDGE_AGENT"
+    calling_ae_title: str = ""  # "" = dicom.ae_title: the AE title PACS know us by
     max_attempts: int = setting(8, lo=1, hi=100)
     retry_initial_s: float = setting(5.0, lo=0, lo_open=True, unit="s")
     retry_max_s: float = setting(300.0, hi=86400, unit="s")
     check_interval_s: float = setting(1.0, lo=0, hi=60, lo_open=True, unit="s")
 
     def check(self) -> None:
-        _check_ae("results.calling_ae_title", self.calling_ae_title)
+        if self.calling_ae_title:
+            _check_ae("results.calling_ae_title", self.calling_ae_title)
         for i, dest in enumerate(self.destinations):
             _check_ae(f"results.destinations[{i}].ae_title", dest.ae_title)
         if self.retry_initial_s > self.retry_max_s:

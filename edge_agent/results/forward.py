@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage  # type: ignore[attr-defined]
 
 from edge_agent.clock import Clock
@@ -121,17 +122,24 @@ def _failed(
             )
 
 
+def _established(assoc: Any) -> bool:
+    """Whether the association is still up (it may have dropped since the last look)."""
+    return bool(assoc.is_established)
+
+
 class Forwarder:
     def __init__(
         self,
         cfg: ResultsConfig,
         *,
+        calling_ae: str,
         store: Store,
         data_dir: Path,
         clock: Clock,
         rng: random.Random | None = None,
     ) -> None:
         self._cfg = cfg
+        self._calling_ae = calling_ae
         self._store = store
         self._data_dir = data_dir
         self._clock = clock
@@ -163,6 +171,15 @@ class Forwarder:
                         None if attempts >= self._cfg.max_attempts else now + self.backoff(attempts)
                     )
                     failures.append((row["id"], attempts, errors[row["id"]], nxt))
+                    log.warning(
+                        "result send failed",
+                        extra={
+                            "destination": dest_name,
+                            "forward_id": row["id"],
+                            "attempts": attempts,
+                            "error": errors[row["id"]],
+                        },
+                    )
                     if nxt is None:
                         log.error(
                             "result send dead-lettered",
@@ -192,35 +209,61 @@ class Forwarder:
                 pass
         except OSError as exc:
             return [], {r["id"]: f"cannot connect to {dest}: {exc.strerror or exc}" for r in rows}
-        ae = AE(ae_title=self._cfg.calling_ae_title)
+        ae = AE(ae_title=self._calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for sop_class in (SegmentationStorage, ComprehensiveSRStorage):
             ae.add_requested_context(sop_class, _TRANSFER)
+        rejected: list[str] = []  # the A-ASSOCIATE-RJ as it arrives (the flags can race)
+
+        def on_acse(event: Any) -> None:
+            p = event.primitive
+            if getattr(p, "result", None) not in (None, 0x00):
+                rejected.append(f"{p.result_str}, {p.source_str}: {p.reason_str}")
+
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            assoc = ae.associate(
+                dest.host,
+                dest.port,
+                ae_title=dest.ae_title,
+                evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
+            )
         except OSError as exc:
             return [], {r["id"]: f"cannot connect: {exc}" for r in rows}
         if not assoc.is_established:
             if assoc.dul.socket and assoc.dul.socket.socket:  # pynetdicom leaves it open
                 assoc.dul.socket.socket.close()
-            why = "association rejected" if assoc.is_rejected else "cannot connect/associate"
-            return [], {r["id"]: f"{why} ({dest})" for r in rows}
+            why = "cannot connect/associate"
+            if rejected:
+                why = f"association rejected by {dest} as {self._calling_ae}: {rejected[0]}"
+            elif assoc.is_aborted:
+                why = f"association aborted by {dest} (calling AE {self._calling_ae})"
+            return [], {r["id"]: why for r in rows}
         ok: list[int] = []
         errors: dict[int, str] = {}
+        dropped = f"{dest} ended the association"
         try:
             for r in rows:
+                if not _established(assoc):  # the peer went away: the rest were not tried
+                    errors[r["id"]] = dropped
+                    continue
                 try:
                     ds = pydicom.dcmread(self._data_dir / r["path"])
                     status = assoc.send_c_store(ds)
                 except (OSError, ValueError, RuntimeError) as exc:
                     errors[r["id"]] = f"{type(exc).__name__}: {exc}"
                     continue
-                code = int(getattr(status, "Status", 0xFFFF))
+                if "Status" not in status:  # no answer at all (pynetdicom's empty Dataset)
+                    what = "aborted" if assoc.is_aborted else "dropped"
+                    dropped = f"{dest} {what} the association: no C-STORE response"
+                    errors[r["id"]] = dropped
+                    continue
+                code = int(status.Status)
                 if code in (0x0000, 0xB000, 0xB007, 0xB006):
                     ok.append(r["id"])
                 else:
-                    comment = str(getattr(status, "ErrorComment", "")) if status else ""
-                    errors[r["id"]] = f"C-STORE status 0x{code:04X} {comment}".strip()
+                    comment = str(status.get("ErrorComment", ""))
+                    errors[r["id"]] = f"refused by {dest}: C-STORE status 0x{code:04X} {comment}"
+                    errors[r["id"]] = errors[r["id"]].strip()
         finally:
             if assoc.is_established:
                 assoc.release()

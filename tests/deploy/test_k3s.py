@@ -296,7 +296,7 @@ def test_hub_overlay(rendered: Render) -> None:
     for probe in ("livenessProbe", "readinessProbe"):
         assert hub[probe]["httpGet"]["path"] == "/healthz"
     settings = one(docs, "ConfigMap", "cloud-hub-settings-")
-    assert {"HUB_ARCHIVE_DIR", "HUB_ARTIFACT_DIR", "HUB_UPLOAD_DIR"} <= set(settings["data"])
+    assert {"HUB_ARCHIVE_DIR", "HUB_ARTIFACT_DIR"} <= set(settings["data"])
 
     hpa = one(docs, "HorizontalPodAutoscaler", "cloud-hub")
     assert hpa["apiVersion"] == "autoscaling/v2"

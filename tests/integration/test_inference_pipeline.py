@@ -490,3 +490,62 @@ def test_job_in_flight_finishes_on_the_version_it_started_with(
     (row,) = app.store.query("SELECT model_version, model_sha256 FROM results")
     assert (row["model_version"], row["model_sha256"]) == ("1.0.0", v1.model_sha256)
     assert v2.manifest_sha256 != v1.manifest_sha256
+
+
+def test_results_go_out_under_our_ae_title_and_a_refusal_says_why(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    """A PACS that only accepts the AE titles it knows (here another agent, which accepts
+    EDGE_TEST only): results are sent as the agent's own AE title (dicom.ae_title, with
+    results.calling_ae_title left empty) and arrive; a PACS that refuses the association
+    leaves the rejection's result, source and reason as the send's error."""
+    import subprocess
+    import time
+
+    from edge_agent.config import AllowedCaller, Destination
+    from tests.conftest import free_port, run_tool
+
+    only_us = {"ae_title": "PACS", "allowed_callers": (AllowedCaller(ae_title="EDGE_TEST"),)}
+    pacs = app_factory(make_config(tmp_path / "pacs", dicom=only_us))
+    refusing_port = free_port()
+    refusing = subprocess.Popen(
+        ["storescp", "--refuse", "-aet", "REFUSER", str(refusing_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while run_tool("echoscu", "127.0.0.1", str(refusing_port)).stderr.find("Rejected") < 0:
+            assert time.monotonic() < deadline, "storescp --refuse did not come up"
+            time.sleep(0.1)
+        cfg = make_config(
+            tmp_path / "edge",
+            results={
+                "destinations": (
+                    Destination(ae_title="PACS", host="127.0.0.1", port=pacs.listener.port),
+                    Destination(ae_title="REFUSER", host="127.0.0.1", port=refusing_port),
+                ),
+            },
+        )
+        assert cfg.results.calling_ae_title == ""
+        app = app_factory(cfg)
+        app.registry.install(ref_models[SEG_NAME])
+        ct = make_study(tmp_path / "ct", modality="CT", slices=3, size=64, seed="ae")
+        assert storescu(app.listener.port, *ct.files).returncode == 0
+        _complete(app, clock)
+        app.inference.drain()
+        assert app.forwarder.tick() == (2, 2)
+        # (the forwarder's TCP probe before associating is audited too, with no AE title)
+        got = pacs.store.query("SELECT calling_ae FROM associations WHERE calling_ae != ''")
+        assert {r["calling_ae"] for r in got} == {"EDGE_TEST"}
+        assert pacs.store.query("SELECT count(*) FROM instances")[0][0] == 2  # SEG + SR
+        errors = {
+            r["last_error"]
+            for r in app.store.query("SELECT last_error FROM forwards WHERE state = 'PENDING'")
+        }
+        (error,) = errors
+        assert "association rejected by REFUSER" in error and "as EDGE_TEST" in error
+        assert "Rejected Permanent, Service User: No reason given" in error
+    finally:
+        refusing.terminate()
+        refusing.wait(10)
