@@ -171,25 +171,16 @@ class Forwarder:
                         None if attempts >= self._cfg.max_attempts else now + self.backoff(attempts)
                     )
                     failures.append((row["id"], attempts, errors[row["id"]], nxt))
-                    log.warning(
-                        "result send failed",
-                        extra={
-                            "destination": dest_name,
-                            "forward_id": row["id"],
-                            "attempts": attempts,
-                            "error": errors[row["id"]],
-                        },
-                    )
+                    about = {
+                        "destination": dest_name,
+                        "forward_id": row["id"],
+                        "attempts": attempts,
+                        "error": errors[row["id"]],
+                    }
                     if nxt is None:
-                        log.error(
-                            "result send dead-lettered",
-                            extra={
-                                "destination": dest_name,
-                                "forward_id": row["id"],
-                                "attempts": attempts,
-                                "error": errors[row["id"]],
-                            },
-                        )
+                        log.error("result send dead-lettered", extra=about)
+                    else:
+                        log.warning("result send failed; will retry", extra=about)
         if sent_ids:
             self._store.writer.call(partial(_sent, ids=sent_ids, now=self._clock.now()))
         if failures:
