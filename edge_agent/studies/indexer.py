@@ -56,6 +56,7 @@ class Item:
     appended: bool = False  # in the journal's back-pressure count (done() when finished)
     relpath: str = ""
     size: int = field(default=0)
+    unwritten: bool = False  # in ``unwritten_bytes``: acknowledged, its file not yet written
 
 
 def record_meta(
@@ -141,6 +142,7 @@ class Indexer:
                 (item.record.sha256, item.info.transfer_syntax)
             )
             self.unwritten_bytes += item.size
+            item.unwritten = True
             return item.seq
 
     def submit(self, item: Item) -> None:
@@ -238,6 +240,7 @@ class Indexer:
                 item.key, (r.header, r.dataset), sync=False, verify=item.replayed
             )
             item.relpath = written.relpath
+            self._written(item)
         if self._fsync:
             syncfs(self._spool.root)
         last = max(
@@ -330,13 +333,23 @@ class Indexer:
         if not item.replayed:
             self._metrics.instances.labels(outcome.value).inc()
 
+    def _written(self, item: Item) -> None:
+        """``item``'s file is on the tier: its bytes now count in the filesystem's usage,
+        so they leave ``unwritten_bytes`` at once (not when the batch commits, which would
+        count a whole batch twice and refuse instances that fit)."""
+        with self._cond:
+            if item.unwritten:
+                item.unwritten = False
+                self.unwritten_bytes -= item.size
+
     def _finish(self, batch: Iterable[Item]) -> None:
         size = 0
         with self._cond:
             for item in batch:
                 if item.appended:
                     size += item.size
-                if item.seq:  # reserved on the ack path (a replayed record never was)
+                if item.unwritten:  # reserved on the ack path, its file never written
+                    item.unwritten = False
                     self.unwritten_bytes -= item.size
                 versions = self._pending.get(item.info.sop_instance_uid)
                 if versions is not None:

@@ -192,3 +192,46 @@ def test_back_pressure_and_free_space_accounting_return_to_zero(tmp_path: Path) 
         assert app.store.query("SELECT count(*) FROM instances")[0][0] == 4
     finally:
         app.close()
+
+
+def test_a_written_file_leaves_the_unwritten_count_at_once(tmp_path: Path) -> None:
+    """The free-space check subtracts what is acknowledged but not yet on the tier: a file
+    the indexer has written counts in the filesystem's usage, so it must leave that count
+    then, not when its whole batch commits (which counted a batch twice and refused, on a
+    nearly full tier, instances that fit)."""
+    from edge_agent.app import EdgeApp
+    from edge_agent.studies.ingest import Origin
+
+    app = EdgeApp(make_config(tmp_path))
+    try:
+        indexer = app.ingestor.indexer
+        assert indexer is not None
+        indexer.close()  # batches by hand below
+        kw = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "origin": Origin(
+            association_id=None, calling_ae="UNIT")}  # fmt: skip
+        for ts, data, uid in _ct(4):
+            r = app.ingestor.receive(data, transfer_syntax=ts, sop_instance_uid=uid,
+                                     indexed=False, **kw)  # fmt: skip
+            assert r.status == 0
+        batch = []
+        while not indexer._queue.empty():
+            item = indexer._queue.get()
+            assert item is not None
+            batch.append(item)
+        assert len(batch) == 4
+        sizes = [i.size for i in batch]
+        assert indexer.unwritten_bytes == sum(sizes)
+        seen: list[int] = []
+        put = indexer._spool.put
+
+        def watching_put(*a: Any, **k: Any) -> Any:
+            seen.append(indexer.unwritten_bytes)
+            return put(*a, **k)
+
+        indexer._spool.put = watching_put  # type: ignore[method-assign]
+        indexer.index(batch)
+        assert seen == [sum(sizes[k:]) for k in range(4)]
+        assert indexer.unwritten_bytes == 0
+        assert app.store.query("SELECT count(*) FROM instances")[0][0] == 4
+    finally:
+        app.close()
