@@ -84,6 +84,7 @@ async def _with_hub(
             await body(hub_store, hub, Uplink(hub, store=app.store, clock=app.clock))
         finally:
             await hub.close()
+            hub_store.engine.dispose()
 
 
 def _lifecycle(app: Any, hub: HttpHubClient | None) -> Lifecycle:

@@ -138,7 +138,10 @@ def test_signed_rollout_to_an_edge(tmp_path: Path, hub_db_url: str) -> None:
                 await hub.close()
                 store.close()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        hub_store.engine.dispose()
 
 
 @pytest.mark.dcmtk
@@ -326,4 +329,7 @@ def test_staged_rollout_across_sites_pauses_on_a_failing_canary(
                     await e["hub"].close()
                     e["store"].close()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        hub_store.engine.dispose()

@@ -349,18 +349,21 @@ def test_shadow_sites_do_not_hold_up_a_rollout_and_get_the_version_when_it_reach
 
     ops = Ed25519PrivateKey.generate()
     store = HubStore(connect(hub_db_url))
-    rel, archive, _ = make_release(ref_models[SEG_NAME], tmp_path / "out")
-    store.publish(envelope(rel, [sign(rel, ops)]), archive.read_bytes(), tmp_path / "a")
-    a, b = (store.enroll(store.create_enrollment_token(n)).site_id for n in ("A", "B"))
-    store.assign(rel.name, rel.version, [b], shadow=True)
-    store.report_install(b, rel.name, rel.version, "shadow", "shadow: agreement 0.5")
-    store.start_rollout(rel.name, rel.version, canary=[a], percent=100)
-    for step in ("downloading", "verifying", "self_test"):  # the canary at work: wait
-        store.report_install(a, rel.name, rel.version, step, "")
-        assert store.advance_rollout(rel.name, rel.version) == "canary"
-    store.report_install(a, rel.name, rel.version, "active", "")
-    assert store.advance_rollout(rel.name, rel.version) == "percent"  # not paused by B
-    with store.engine.connect() as conn:
-        active_sites = set(conn.execute(sa.select(assignments.c.site_id)).scalars())
-        shadow_sites = set(conn.execute(sa.select(shadow_assignments.c.site_id)).scalars())
-    assert active_sites == {a, b} and shadow_sites == {b}
+    try:
+        rel, archive, _ = make_release(ref_models[SEG_NAME], tmp_path / "out")
+        store.publish(envelope(rel, [sign(rel, ops)]), archive.read_bytes(), tmp_path / "a")
+        a, b = (store.enroll(store.create_enrollment_token(n)).site_id for n in ("A", "B"))
+        store.assign(rel.name, rel.version, [b], shadow=True)
+        store.report_install(b, rel.name, rel.version, "shadow", "shadow: agreement 0.5")
+        store.start_rollout(rel.name, rel.version, canary=[a], percent=100)
+        for step in ("downloading", "verifying", "self_test"):  # the canary at work: wait
+            store.report_install(a, rel.name, rel.version, step, "")
+            assert store.advance_rollout(rel.name, rel.version) == "canary"
+        store.report_install(a, rel.name, rel.version, "active", "")
+        assert store.advance_rollout(rel.name, rel.version) == "percent"  # not paused by B
+        with store.engine.connect() as conn:
+            active_sites = set(conn.execute(sa.select(assignments.c.site_id)).scalars())
+            shadow_sites = set(conn.execute(sa.select(shadow_assignments.c.site_id)).scalars())
+        assert active_sites == {a, b} and shadow_sites == {b}
+    finally:
+        store.engine.dispose()
