@@ -49,9 +49,10 @@ from edge_agent.inference.store import (
 from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics
 from edge_agent.results.commit import commit_result
-from edge_agent.results.dicom import make_seg, make_sr
+from edge_agent.results.dicom import key_images, make_kos, make_seg, make_sr
 from edge_agent.results.forward import ResultObject, write_object
 from edge_agent.results.models import Result, uuid7
+from edge_agent.results.store import current_object_path
 from edge_agent.store import Store
 from edge_agent.studies.store import series_for_routing, series_sop_classes
 from edge_agent.sync.phi import Pseudonymiser, load_or_create_key
@@ -260,16 +261,42 @@ class InferenceWorker:
         if self._cfg.results.dicom_outputs:
             data_dir = Path(self._cfg.storage.data_dir)
             single = len({id(d) for d in dss}) == len(dss)  # no multi-frame sources
+            seg: Dataset | None = None
             if manifest.task == "segmentation" and single:
                 masks = out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
                 binary = masks >= manifest.output.threshold
                 if binary.any() and masks.shape[1:] == (int(dss[0].Rows), int(dss[0].Columns)):
                     seg = make_seg(result, dss, binary, manifest.output.codes)
                     objects.append(write_object(data_dir, result.result_id, "SEG", seg))
+                    kos = make_kos(result, key_images(dss, binary))
+                    objects.append(write_object(data_dir, result.result_id, "KO", kos))
             unique = list({id(d): d for d in dss}.values())
-            sr = make_sr(result, unique, manifest.output.codes)
+            previous = self._previous_sr(job, data_dir)
+            sr = make_sr(result, unique, manifest.output.codes, seg=seg, previous=previous)
             objects.append(write_object(data_dir, result.result_id, "SR", sr))
         return result, objects, (items, out)
+
+    def _previous_sr(self, job: Job, data_dir: Path) -> list[Dataset]:
+        """The SR of the result this job's will supersede (its Predecessor Document), if it
+        has one on disk."""
+        with self._store.read() as conn:
+            path = current_object_path(
+                conn,
+                study_uid=job.study_uid,
+                series_uid=job.series_uid,
+                model_name=job.model_name,
+                kind="SR",
+            )
+        if path is None:
+            return []
+        try:
+            return [pydicom.dcmread(data_dir / path, stop_before_pixels=True)]
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            log.warning(
+                "the replaced result's SR cannot be read: the new SR names no predecessor",
+                extra={"path": path, "error": str(exc)},
+            )
+            return []
 
     def _shadow(
         self, job: Job, device: int, active_items: list[np.ndarray], active_out: np.ndarray

@@ -3,11 +3,18 @@
 * SEG (binary) for segmentation masks, referencing the source images, with the model as the
   segment's algorithm identification (name, version, family "Artificial Intelligence") and
   the label's coded concept as the segmented property type.
-* Comprehensive SR with a TID 1500 Measurement Report: area, volume, mean intensity (HU) for
-  segmentations; for classifications one measurement group per label (its coded concept as
-  the finding, DCM 122157 "Probability"); whether the result is critical (LOINC 73568-8
-  "Communication of Critical Results": SCT Yes / No); the model name and version as the
-  algorithm identification; the source images as evidence.
+* Comprehensive SR with a TID 1500 Measurement Report, as IHE AI Results (AIR) asks: an
+  image library (TID 1600) of the source images; for a segmentation a volumetric ROI group
+  (TID 1411) that references the SEG's segment, with area, volume and mean intensity (HU);
+  for a classification one measurement group per label (its coded concept as the finding,
+  DCM 122157 "Probability"); in every group a tracking identifier and UID, the model name
+  and version as the algorithm identification, and whether the result is critical (LOINC
+  73568-8 "Communication of Critical Results": SCT Yes / No); the source images (and the
+  SEG) as evidence. A result that replaces an earlier one (a re-run, a new model version)
+  names the earlier SR in its Predecessor Documents Sequence.
+* Key Object Selection (KOS, "Of Interest") of a segmentation's key images: the slice with
+  the largest cross-section of the finding and the first and last slices it is seen on.
+  A classification has no KOS (it does not say where the finding is).
 
 Codes: a label's concept comes from its model manifest (``output.codes``, e.g. SNOMED CT);
 only a label without one gets a code of the private scheme :data:`CODING_SCHEME`, which is
@@ -45,7 +52,7 @@ CODING_SCHEME = "99EDGEAI"
 CRITICAL = hd.sr.CodedConcept(
     value="73568-8", scheme_designator="LN", meaning="Communication of Critical Results"
 )
-_KINDS = {"SEG": 1, "SR": 2}
+_KINDS = {"SEG": 1, "SR": 2, "KO": 3}
 
 
 def derived_uid(result_id: str, what: str) -> str:
@@ -54,9 +61,10 @@ def derived_uid(result_id: str, what: str) -> str:
 
 
 def series_number(model_name: str, kind: str) -> int:
-    """The series number of a model's ``kind`` (SEG, SR) objects: 9000-9899, the last digit
-    says the kind, the others come from the model name, so two models' series (and a model's
-    SEG and SR) are told apart in a viewer. (Two model names can share the tens, 1 in 90.)"""
+    """The series number of a model's ``kind`` (SEG, SR, KO) objects: 9000-9899, the last
+    digit says the kind, the others come from the model name, so two models' series (and a
+    model's SEG, SR and KOS) are told apart in a viewer. (Two model names can share the tens,
+    1 in 90.)"""
     return 9000 + (zlib.crc32(model_name.encode()) % 90) * 10 + _KINDS[kind]
 
 
@@ -154,8 +162,13 @@ def make_sr(
     result: Result,
     sources: Sequence[Dataset],
     label_codes: Mapping[str, LabelCode] | None = None,
+    *,
+    seg: Dataset | None = None,
+    previous: Sequence[Dataset] = (),
 ) -> Dataset:
-    """Comprehensive SR (TID 1500) with the result's measurements/classification."""
+    """Comprehensive SR (TID 1500) with the result's measurements/classification; ``seg``
+    is the result's SEG (its segment is the measured region), ``previous`` the SR(s) of the
+    result this one replaces."""
     f = result.findings
     lc = label_codes or {}
     algo = hd.sr.AlgorithmIdentification(name=result.model_name, version=result.model_version)
@@ -163,24 +176,47 @@ def make_sr(
         name=CRITICAL, value=codes.SCT.Yes if result.critical else codes.SCT.No
     )
 
+    def tracking(what: str) -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(
+            uid=derived_uid(result.result_id, f"tracking-{what}"),
+            identifier=f"{result.model_name} {result.model_version} {what}"[:64],
+        )
+
     def group(
         finding: hd.sr.CodedConcept,
         what: str,
         measurements: list[hd.sr.Measurement],
         evaluations: list[hd.sr.QualitativeEvaluation],
-    ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    ) -> (
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ):
+        if seg is not None:  # the region measured is the SEG's segment (TID 1411)
+            return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(what),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(seg.SOPInstanceUID),
+                    segment_number=1,
+                    source_series=hd.sr.SourceSeriesForSegmentation(result.series_uid),
+                ),
+                finding_type=finding,
+                algorithm_id=algo,
+                measurements=measurements,
+                qualitative_evaluations=evaluations,
+            )
         return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid(result.result_id, f"tracking-{what}"),
-                identifier=f"{result.model_name} {result.model_version} {what}"[:64],
-            ),
+            tracking_identifier=tracking(what),
             finding_type=finding,
             algorithm_id=algo,
             measurements=measurements,
             qualitative_evaluations=evaluations,
         )
 
-    groups = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
     if result.task == "segmentation":
         measurements = []
         for key, name, unit in (
@@ -207,30 +243,67 @@ def make_sr(
             )
             evaluations = [critical] if label == top else []
             groups.append(group(label_code(label, lc), label, [probability], evaluations))
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=derived_uid(result.result_id, "device"),
-                name=MODEL_NAME,
-                manufacturer_name=MANUFACTURER,
-                model_name=result.model_name,
-            ),
-        )
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=context,
+        observation_context=hd.sr.ObservationContext(observer_device_context=_device(result)),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
+        referenced_images=list(sources),  # the image library (TID 1600)
     )
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(sources),
+        evidence=[*sources, *([seg] if seg is not None else [])],
         content=report,
         series_instance_uid=derived_uid(result.result_id, "sr-series"),
         sop_instance_uid=derived_uid(result.result_id, "sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
+        previous_versions=list(previous) or None,
         **_series(result, "SR", "report"),
     )
     return _declare_private(sr)
+
+
+def _device(result: Result) -> hd.sr.ObserverContext:
+    """The agent running the model, as the observer (device) of an SR or KOS."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(result.result_id, "device"),
+            name=MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=result.model_name,
+        ),
+    )
+
+
+def key_images(sources: Sequence[Dataset], masks: np.ndarray) -> list[Dataset]:
+    """A segmentation's key images (``masks`` [N, rows, cols] bool, one per source): the
+    slice with the largest cross-section of the finding, then the first and last slices it
+    is seen on (in ``sources``' order), each once. None when the mask is empty."""
+    areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    seen = np.flatnonzero(areas)
+    if seen.size == 0:
+        return []
+    picks = [int(np.argmax(areas)), int(seen[0]), int(seen[-1])]
+    return [sources[i] for i in dict.fromkeys(picks)]
+
+
+def make_kos(result: Result, keys: Sequence[Dataset]) -> Dataset:
+    """Key Object Selection ("Of Interest", DCM 113000) of ``keys``."""
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest,
+        referenced_objects=list(keys),
+        observer_device_context=_device(result),
+        description=f"Key images of {result.model_name} {result.model_version}",
+    )
+    series = _series(result, "KO", "key images")
+    del series["content_date"], series["content_time"]  # the KOS sets its own
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=list(keys),
+        content=content,
+        series_instance_uid=derived_uid(result.result_id, "ko-series"),
+        sop_instance_uid=derived_uid(result.result_id, "ko"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        **series,
+    )

@@ -1,4 +1,4 @@
-"""Sending result objects (SEG, SR) to PACS: a persisted queue with retries and dead letters.
+"""Sending result objects (SEG, SR, KOS) to PACS: a persisted queue with retries and dead letters.
 
 Each (object, destination) is one ``forwards`` row, written in the transaction that stores
 the result. The forwarder sends due rows (one association per destination per pass); a
@@ -24,7 +24,11 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SegmentationStorage,
+)
 
 from edge_agent.clock import Clock
 from edge_agent.config import Destination, ResultsConfig
@@ -38,7 +42,7 @@ _TRANSFER = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 @dataclass(frozen=True, kw_only=True)
 class ResultObject:
-    kind: str  # SEG | SR
+    kind: str  # SEG | SR | KO
     sop_class_uid: str
     sop_instance_uid: str
     path: str  # relative to data_dir
@@ -202,7 +206,11 @@ class Forwarder:
             return [], {r["id"]: f"cannot connect to {dest}: {exc.strerror or exc}" for r in rows}
         ae = AE(ae_title=self._calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        for sop_class in (SegmentationStorage, ComprehensiveSRStorage):
+        for sop_class in (
+            SegmentationStorage,
+            ComprehensiveSRStorage,
+            KeyObjectSelectionDocumentStorage,
+        ):
             ae.add_requested_context(sop_class, _TRANSFER)
         rejected: list[str] = []  # the A-ASSOCIATE-RJ as it arrives (the flags can race)
 

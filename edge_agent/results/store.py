@@ -89,6 +89,20 @@ def list_results(
     return [_result(r) for r in conn.execute(sql, (*params, limit))]
 
 
+def current_object_path(
+    conn: sqlite3.Connection, *, study_uid: str, series_uid: str, model_name: str, kind: str
+) -> str | None:
+    """The path (relative to data_dir) of the ``kind`` object (SEG, SR, KO) of the current
+    result for this study, series and model: what a new result will supersede."""
+    row = conn.execute(
+        "SELECT o.path FROM results r JOIN result_objects o ON o.result_id = r.result_id"
+        " WHERE r.study_uid = ? AND r.series_uid = ? AND r.model_name = ?"
+        " AND r.superseded_by IS NULL AND o.kind = ?",
+        (study_uid, series_uid, model_name, kind),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
 def result_for_review(conn: sqlite3.Connection, result_id: str) -> sqlite3.Row | None:
     """What a review checks: study_uid, task, findings (JSON), superseded_by."""
     row: sqlite3.Row | None = conn.execute(

@@ -186,10 +186,10 @@ async def series_image(request: web.Request) -> web.Response:
 
 @require("radiologist")
 async def result_object(request: web.Request) -> web.StreamResponse:
-    """The SR or SEG object of a result, as a DICOM file."""
+    """The SR, SEG or KOS (KO) object of a result, as a DICOM file."""
     rid, kind = request.match_info["result_id"], request.match_info["kind"].upper()
-    if not RESULT_ID.fullmatch(rid) or kind not in ("SR", "SEG"):
-        raise ApiError(400, "bad_request", "bad result id or kind (SR|SEG)")
+    if not RESULT_ID.fullmatch(rid) or kind not in ("SR", "SEG", "KO"):
+        raise ApiError(400, "bad_request", "bad result id or kind (SR|SEG|KO)")
     deps = request.app[DEPS]
     with deps.store.read() as conn:
         path = queries.result_object_path(conn, rid, kind)

@@ -99,9 +99,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any], Any, in
         "image/png",
     ),
     ("GET", "/api/v1/results/{result_id}/objects/{kind}"): (
-        "The DICOM SR or SEG of a result",
+        "The DICOM SR, SEG or Key Object Selection (KO) of a result",
         ("radiologist",),
-        [_p("result_id", _RID), _p("kind", {"enum": ["SR", "SEG", "sr", "seg"]})],
+        [_p("result_id", _RID), _p("kind", {"enum": ["SR", "SEG", "KO", "sr", "seg", "ko"]})],
         None,
         200,
         "application/dicom",

@@ -101,6 +101,19 @@ def test_late_arrival_supersedes_never_overwrites(
     assert old["result_id"] == first["result_id"] and old["findings"] == first["findings"]
     assert old["superseded_by"] == new["result_id"] and new["supersedes"] == old["result_id"]
     assert json.loads(new["findings"])["slices"] == 5
+    # the new SR names the one it replaces (Predecessor Documents Sequence)
+    sr_of = {
+        r["result_id"]: r for r in app.store.query("SELECT * FROM result_objects WHERE kind = 'SR'")
+    }
+    data_dir = Path(app.cfg.storage.data_dir)
+    new_sr = pydicom.dcmread(data_dir / sr_of[new["result_id"]]["path"])
+    (pred,) = new_sr.PredecessorDocumentsSequence
+    assert pred.StudyInstanceUID == study.study_uid
+    (ref,) = [i for se in pred.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert ref.ReferencedSOPInstanceUID == sr_of[old["result_id"]]["sop_instance_uid"]
+    old_sr = pydicom.dcmread(data_dir / sr_of[old["result_id"]]["path"])
+    assert "PredecessorDocumentsSequence" not in old_sr
+    assert dciodvfy(data_dir / sr_of[new["result_id"]]["path"]) == []
     assert json.loads(old["findings"])["slices"] == 4
     assert _study_state(app, study.study_uid) == "DONE"
 
@@ -235,7 +248,7 @@ def test_seg_and_sr_read_back_and_reference_the_source(
             "SELECT r.model_name, o.* FROM result_objects o JOIN results r USING (result_id)"
         )
     }
-    assert set(objs) == {(SEG_NAME, "SEG"), (SEG_NAME, "SR"), (CLS_NAME, "SR")}
+    assert set(objs) == {(SEG_NAME, "SEG"), (SEG_NAME, "SR"), (SEG_NAME, "KO"), (CLS_NAME, "SR")}
     data_dir = Path(app.cfg.storage.data_dir)
     source_uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in ct.files}
 
@@ -275,9 +288,36 @@ def test_seg_and_sr_read_back_and_reference_the_source(
         for se in s.ReferencedSeriesSequence
         for i in se.ReferencedSOPSequence
     }
-    assert evidence == source_uids
+    seg_uid = objs[(SEG_NAME, "SEG")]["sop_instance_uid"]
+    assert evidence == source_uids | {seg_uid}  # the images and the SEG measured
     report = hd.sr.ComprehensiveSR.from_dataset(sr).content
-    (group,) = report.get_image_measurement_groups()
+    # the measurements are of the SEG's segment (a volumetric ROI group, TID 1411)
+    (group,) = report.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg_uid
+    assert group.referenced_segment.referenced_segment_numbers == [1]
+    # the image library lists every source image (TID 1600)
+    library = [
+        item
+        for c in sr.ContentSequence
+        if c.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
+        for g in c.ContentSequence
+        for item in g.get("ContentSequence", [])
+        if item.ValueType == "IMAGE"
+    ]
+    assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in library} == source_uids
+    # the key images: the largest cross-section first, then where the finding starts and ends
+    kos = pydicom.dcmread(data_dir / objs[(SEG_NAME, "KO")]["path"])
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest
+    keyed = [
+        c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for c in kos.ContentSequence
+        if c.ValueType == "IMAGE"
+    ]
+    areas = expected.reshape(len(dss), -1).sum(axis=1)
+    shown = [d.SOPInstanceUID for d, a in zip(dss, areas, strict=True) if a]
+    largest = dss[int(np.argmax(areas))].SOPInstanceUID
+    assert keyed == list(dict.fromkeys([largest, shown[0], shown[-1]]))
     values = {m.name.meaning: m.value for m in group.get_measurements()}
     findings = json.loads(
         app.store.query("SELECT findings FROM results WHERE model_name = ?", (SEG_NAME,))[0][0]
@@ -329,7 +369,7 @@ def test_seg_and_sr_read_back_and_reference_the_source(
         assert "CodingSchemeIdentificationSequence" not in ds  # no private scheme used
         numbers.add(int(ds.SeriesNumber))
         assert dciodvfy(data_dir / row["path"]) == [], (model, kind)
-    assert len(numbers) == 3
+    assert len(numbers) == 4
 
 
 @pytest.fixture
@@ -387,9 +427,9 @@ def test_results_forwarded_to_pacs_and_a_down_destination_is_retried_then_dead(
     _complete(app, clock)
     app.inference.drain()
     sent, failed = app.forwarder.tick()
-    assert (sent, failed) == (2, 2)  # SEG + SR to PACS; both fail for DOWN
+    assert (sent, failed) == (3, 3)  # SEG + SR + KOS to PACS; all fail for DOWN
     received = sorted(p.name[:2] for p in pacs_dir.iterdir())
-    assert received == ["SG", "SR"]  # storescp names files by modality
+    assert received == ["KO", "SG", "SR"]  # storescp names files by modality
     rows = app.store.query(
         "SELECT destination, state, attempts, next_attempt_at, last_error "
         "FROM forwards ORDER BY destination, kind"
@@ -401,7 +441,7 @@ def test_results_forwarded_to_pacs_and_a_down_destination_is_retried_then_dead(
     assert app.forwarder.tick() == (0, 0)  # not due yet: nothing is hammered
     for _ in range(2):
         clock.advance(60)
-        assert app.forwarder.tick() == (0, 2)
+        assert app.forwarder.tick() == (0, 3)
     states = {
         (r["destination"][:4], r["state"])
         for r in app.store.query("SELECT destination, state FROM forwards")
@@ -534,11 +574,11 @@ def test_results_go_out_under_our_ae_title_and_a_refusal_says_why(
         assert storescu(app.listener.port, *ct.files).returncode == 0
         _complete(app, clock)
         app.inference.drain()
-        assert app.forwarder.tick() == (2, 2)
+        assert app.forwarder.tick() == (3, 3)
         # (the forwarder's TCP probe before associating is audited too, with no AE title)
         got = pacs.store.query("SELECT calling_ae FROM associations WHERE calling_ae != ''")
         assert {r["calling_ae"] for r in got} == {"EDGE_TEST"}
-        assert pacs.store.query("SELECT count(*) FROM instances")[0][0] == 2  # SEG + SR
+        assert pacs.store.query("SELECT count(*) FROM instances")[0][0] == 3  # SEG, SR, KOS
         errors = {
             r["last_error"]
             for r in app.store.query("SELECT last_error FROM forwards WHERE state = 'PENDING'")
