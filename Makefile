@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:  `make demo`  and  `make test`.
-# Both install what they need from the distribution (apt-get: DCMTK, PostgreSQL, Chromium,
+# Both install what they need from the distribution (apt-get: DCMTK, Orthanc, PostgreSQL, Chromium,
 # promtool, kubectl, shellcheck) and Python packages into .venv.
 
 PYTHON ?= python3
@@ -37,6 +37,7 @@ system-deps:
 	  && command -v storescp >/dev/null || missing="$$missing dcmtk"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
