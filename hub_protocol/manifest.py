@@ -21,7 +21,7 @@ from typing import Any, Literal
 import jsonschema
 
 from hub_protocol.errors import PermanentError
-from hub_protocol.semver import SEMVER_RE
+from hub_protocol.semver import SEMVER_RE, SemverKey
 from hub_protocol.semver import parse as semver_parse
 
 SCHEMA_VERSION = 1
@@ -301,13 +301,13 @@ class Manifest:
     description: str = ""
 
     @property
-    def semver(self) -> tuple[int, int, int, str]:
+    def semver(self) -> SemverKey:
         """(major, minor, patch, pre-release) for ordering; a release sorts after its
         pre-releases (``1.0.0-rc.1`` < ``1.0.0``)."""
         return parse_semver(self.version)
 
 
-def parse_semver(version: str) -> tuple[int, int, int, str]:
+def parse_semver(version: str) -> SemverKey:
     """See :func:`hub_protocol.semver.parse`; raises ManifestError naming ``version``."""
     try:
         return semver_parse(version)

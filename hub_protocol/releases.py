@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hub_protocol.messages import ProtocolError
+from hub_protocol.semver import SemverKey
 from hub_protocol.semver import parse as semver_parse
 
 SPEC_VERSION = 1
@@ -64,7 +65,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def _semver(v: str) -> tuple[int, int, int, str]:
+def _semver(v: str) -> SemverKey:
     return semver_parse(v)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -142,6 +143,15 @@ def test_manifest_not_json() -> None:
 def test_semver_order() -> None:
     versions = ["1.0.0-alpha", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.2.0", "10.0.0"]
     assert sorted(versions, key=parse_semver) == versions
+    # semver.org section 11: numeric identifiers as numbers, before alphanumeric ones; a
+    # longer list after its prefix; build metadata ignored
+    spec = [
+        "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2",
+        "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0-rc.2", "1.0.0-rc.10", "1.0.0",
+    ]  # fmt: skip
+    assert sorted(random.Random(7).sample(spec, len(spec)), key=parse_semver) == spec
+    assert parse_semver("1.0.0-rc.10") > parse_semver("1.0.0-rc.2")
+    assert parse_semver("1.0.0+build.5") == parse_semver("1.0.0")
 
 
 # -- packages ---------------------------------------------------------------------------------
