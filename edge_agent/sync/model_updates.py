@@ -293,19 +293,41 @@ class ModelUpdater:
 
     async def rollback(self, order: Mapping[str, Any]) -> Decision | None:
         """Ops rolled a version back: if it is active here, re-activate the previous installed
-        version (``to_version`` when installed, else the newest one below). None = nothing
-        to do (already done, or that version never became active here)."""
+        version (``to_version`` when it may be, else the newest one below that may). None =
+        nothing to do (already done, or that version never became active here).
+
+        The order is not signed (the hub is not trusted), so it can only choose among
+        versions this node already trusts: one whose last decision here is *accepted*, or
+        one the operator installed on this node (no decision recorded). A version refused
+        here (a bad signature, a failed self-test: it may stay installed), one only ever
+        run in shadow and one already rolled back are never re-activated by an order."""
         name, bad = str(order["name"]), str(order["from_version"])
         active = next((m for m in self._registry.active() if m.name == name), None)
         if active is None or active.version != bad:
             return None
-        installed = {m.version for m in self._registry.installed() if m.name == name}
+        decided = {
+            str(v): str(st)
+            for v, st in self._store.query(
+                "SELECT version, status FROM model_updates WHERE name = ?", (name,)
+            )
+        }
+        installed = {
+            m.version
+            for m in self._registry.installed()
+            if m.name == name and m.version != bad and decided.get(m.version, ACCEPTED) == ACCEPTED
+        }
         target = order.get("to_version")
-        if target not in installed:
+        if target is not None and target not in installed:
+            log.warning(
+                "rollback order names a version this node may not re-activate; ignored",
+                extra={"model": name, "to": str(target), "decision": decided.get(str(target))},
+            )
+            target = None
+        if target is None:
             older = sorted((v for v in installed if semver(v) < semver(bad)), key=semver)
             target = older[-1] if older else None
         if target is None:
-            reason = "rollback ordered but no older version is installed"
+            reason = "rollback ordered but no older version accepted here is installed"
             await self._report(name, bad, "rollback_failed", reason)
             return Decision(name, bad, "rollback_failed", reason)
         now, reason = self._clock.now(), f"ordered by ops; re-activated {target}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,20 @@ def test_staged_rollout_across_sites_pauses_on_a_failing_canary(
                     await e["up"].pull()
                     await e["updater"].check()
 
+            def forge(site: str, payload: dict[str, str]) -> None:
+                """A rollback order written straight into a site's feed, as a hub that
+                is not ops' would."""
+                from cloud_hub.store.base import lock_sites
+                from cloud_hub.store.feed import write_change
+                from hub_protocol import ChangeType
+
+                with hub_store.writing() as conn:
+                    lock_sites(conn, [site])
+                    write_change(
+                        conn, site, type=ChangeType.MODEL_ROLLBACK, key=f"model/{SEG_NAME}",
+                        version=int(time.time() * 1000), now=time.time(), payload=payload,
+                    )  # fmt: skip
+
             def actives() -> dict[str, str]:
                 return {
                     n: next((m.version for m in e["registry"].active()), "-")
@@ -313,6 +328,22 @@ def test_staged_rollout_across_sites_pauses_on_a_failing_canary(
                 assert hub_store.advance_rollout(SEG_NAME, "1.2.0") == "paused"  # stays
                 await sync_all()
                 assert set(actives().values()) == {"1.1.0"}  # nobody runs the bad one
+
+                # a compromised hub (rollback orders are not signed) tells A to go "back"
+                # from 1.1.0 to the 1.2.0 that A refused and still has installed: A may
+                # only re-activate a version it accepted, so it goes to 1.0.0
+                a = edges["A"]
+                assert "1.2.0" in {m.version for m in a["registry"].installed()}
+                forge(a["site"], {"name": SEG_NAME, "from_version": "1.1.0", "to_version": "1.2.0"})
+                await a["up"].pull()
+                (d,) = [d for d in await a["updater"].check() if d.version == "1.1.0"]
+                assert d.status == "rolled_back" and "re-activated 1.0.0" in d.reason
+                assert actives()["A"] == "1.0.0"
+                # and with no accepted version left below, an order changes nothing
+                forge(a["site"], {"name": SEG_NAME, "from_version": "1.0.0", "to_version": "1.2.0"})
+                await a["up"].pull()
+                (d,) = [d for d in await a["updater"].check() if d.version == "1.0.0"]
+                assert d.status == "rollback_failed" and actives()["A"] == "1.0.0"
 
                 # ops roll 1.1.0 back everywhere: each site re-activates 1.0.0
                 assert hub_store.rollback_rollout(SEG_NAME, "1.1.0") == 4
