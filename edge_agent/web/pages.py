@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from typing import Any
 
 from aiohttp import web
@@ -49,11 +50,16 @@ def _fmt_time(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+#: A local path (and query) with only URL-safe characters: no scheme, no //host, no
+#: backslash, and no whitespace or control character (a browser drops tabs and newlines
+#: from a Location, so "/\t/evil.example" would become "//evil.example").
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9\-._~/?=&%:+,;@!$'()*]*")
+
+
 def _next(value: str) -> str:
-    """Only a local path (no scheme, no //host): no open redirect."""
-    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/worklist"
+    """Where to go after login: ``value`` if it is a local path, else the worklist (no open
+    redirect)."""
+    return value if _LOCAL_PATH.fullmatch(value) else "/worklist"
 
 
 async def index(request: web.Request) -> web.StreamResponse:

@@ -255,13 +255,27 @@ def test_lockout_session_fixation_and_logout(
         client.session.cookie_jar.clear()
         client.session.cookie_jar.update_cookies({COOKIE: cookie})  # replay the old cookie
         assert (await client.get("/api/v1/studies")).status == 401
-        # open redirect refused
+        # open redirect refused, whatever a browser would make of it
+        for evil in (
+            "//evil.example/x",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            " //evil.example",
+        ):
+            r = await client.post(
+                "/login",
+                data={"username": "rad", "password": PASSWORD, "next": evil},
+                allow_redirects=False,
+            )
+            assert r.headers["Location"] == "/worklist", evil
         r = await client.post(
             "/login",
-            data={"username": "rad", "password": PASSWORD, "next": "//evil.example/x"},
+            data={"username": "rad", "password": PASSWORD, "next": "/studies/1.2.3?x=1"},
             allow_redirects=False,
         )
-        assert r.headers["Location"] == "/worklist"
+        assert r.headers["Location"] == "/studies/1.2.3?x=1"  # a local page is kept
 
     _run(app, body)
 
