@@ -502,13 +502,18 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         _step("edge-agent results (reference models: CT lesion segmentation, 2D classifier)")
         results.show(_load(cfg))
 
-        _step("results sent to PACS as DICOM SEG and Comprehensive SR (edge-agent forwards)")
+        _step(
+            "results sent to PACS as DICOM SEG, Comprehensive SR and Key Object Selection "
+            "(edge-agent forwards)"
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not _all_sent(workdir / "data" / "edge.db"):
             time.sleep(0.3)
         results.forwards(_load(cfg))
-        # storescp names files by modality: SG.<uid> for SEG, SRc.<uid> for Comprehensive SR
-        received = sorted("SEG" if p.name.startswith("SG") else "SR" for p in pacs_dir.iterdir())
+        # storescp names files by SOP class: SG.<uid> for SEG, SRc.<uid> for Comprehensive SR,
+        # KO.<uid> for a Key Object Selection
+        kinds = {"SG": "SEG", "SR": "SR", "KO": "KOS"}
+        received = sorted(kinds.get(p.name[:2], p.name[:2]) for p in pacs_dir.iterdir())
         print(
             f"    PACS received {len(received)} object(s): "
             + ", ".join(f"{received.count(k)} x {k}" for k in sorted(set(received)))

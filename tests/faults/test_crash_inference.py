@@ -112,8 +112,8 @@ def test_sigkill_during_inference_finishes_every_job_once(tmp_path: Path) -> Non
     assert all(r[3] is None for r in results)
     assert all(json.loads(str(r[4])) for r in results)
     objects = _q(db, "SELECT count(*) FROM result_objects")[0][0]
-    assert objects == 12 + sum(  # an SR per result, a SEG per segmentation with a finding
-        1
+    assert objects == 12 + sum(  # an SR per result, a SEG and a KOS per segmentation with a
+        2  # finding
         for r in results
         if r[2] == "ct-lesion-seg" and json.loads(str(r[4]))["slices_with_finding"] > 0
     )

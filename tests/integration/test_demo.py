@@ -32,7 +32,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert results.count("ct-lesion-seg 1.0.0 on CPUExecutionProvider") == 1
     assert results.count("resnet-mini 1.0.0 on CPUExecutionProvider") == 3  # CT, 2 x MR (not NM)
     assert "lesion: 19/40 slices" in results
-    assert "PACS received 5 object(s): 1 x SEG, 4 x SR" in out
+    assert "PACS received 6 object(s): 1 x KOS, 1 x SEG, 4 x SR" in out
     assert "the hub holds 4 result(s) of this site" in out
     down = out.split("the WAN goes down", 1)[1].split("==>", 1)[0]
     assert "pending: urgent 0, normal 1, batch 0" in down
