@@ -190,7 +190,7 @@ class EdgeApp:
             tiers=self.tiers,
             is_idle=self._idle,
         )
-        self.accounts = compose.accounts(cfg, self.store)
+        self.accounts = compose.accounts(cfg, self.store, self.metrics)
         self.web_port: int | None = None
         self.forwarder = Forwarder(
             cfg.results,

@@ -80,12 +80,16 @@ def lifecycle(
     )
 
 
-def accounts(cfg: Config, store: Store) -> Accounts:
-    """Local web accounts, sessions and API tokens, with ``cfg.web``'s lockout and TTL."""
+def accounts(cfg: Config, store: Store, metrics: Metrics | None = None) -> Accounts:
+    """Local web accounts, sessions and API tokens, with ``cfg.web``'s lockout, throttle
+    and TTL; login outcomes are counted on ``metrics`` if given."""
     w = cfg.web
     return Accounts(
         store,
+        metrics=metrics,
         session_ttl_s=w.session_ttl_s,
         lockout_attempts=w.lockout_attempts,
         lockout_s=w.lockout_s,
+        throttle_attempts=w.login_throttle_attempts,
+        throttle_window_s=w.login_throttle_window_s,
     )

@@ -480,7 +480,9 @@ class WebConfig:
     Served on ``bind_address``:``port`` (0 = any free port, for tests), over HTTPS when
     ``tls_cert`` and ``tls_key`` are set (session cookies are then marked Secure). Sessions
     last ``session_ttl_s``; ``lockout_attempts`` failed logins in a row lock an account for
-    ``lockout_s``. The worklist refreshes itself every ``refresh_s``.
+    ``lockout_s``; ``login_throttle_attempts`` failed logins from one client address within
+    ``login_throttle_window_s`` refuse that address's logins for the rest of the window.
+    The worklist refreshes itself every ``refresh_s``.
     """
 
     enabled: bool = True
@@ -491,6 +493,8 @@ class WebConfig:
     session_ttl_s: float = setting(28800.0, lo=60, hi=7 * 86400, unit="s")
     lockout_attempts: int = setting(5, lo=1, hi=100)
     lockout_s: float = setting(900.0, lo=1, hi=86400, unit="s")
+    login_throttle_attempts: int = setting(20, lo=1, hi=100_000)
+    login_throttle_window_s: float = setting(300.0, lo=1, hi=86400, unit="s")
     refresh_s: float = setting(5.0, lo=0.5, hi=3600, unit="s")
 
     def check(self) -> None:

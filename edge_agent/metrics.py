@@ -35,6 +35,7 @@ class Metrics:
     outbox_depth: Gauge
     outbox_oldest_seconds: Gauge
     outbox_dead: Gauge
+    web_logins: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -57,6 +58,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             registry=reg,
         ),
         outbox_dead=Gauge("edge_outbox_dead_letters", "Records the hub refused", registry=reg),
+        web_logins=Counter(
+            "edge_web_logins",
+            "Web login attempts by outcome (ok, failed: wrong password, unknown, locked or "
+            "disabled; throttled: refused by the per-address limit before any check)",
+            ["outcome"],
+            registry=reg,
+        ),
         instances=Counter(
             "edge_dicom_instances_total",
             "C-STORE requests by outcome (stored, duplicate, new_version, quarantined, refused)",

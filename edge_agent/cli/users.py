@@ -36,6 +36,10 @@ def add_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ul = usub.add_parser("list", help="accounts, roles, lockouts")
     config_arg(ul)
     ul.set_defaults(func=lambda a: show(load(a)))
+    uk = usub.add_parser("unlock", help="lift an account's lockout (audited)")
+    config_arg(uk)
+    uk.add_argument("username")
+    uk.set_defaults(func=lambda a: unlock(load(a), a.username))
     ut = usub.add_parser("token", help="an API token acting as a user (shown once)")
     config_arg(ut)
     ut.add_argument("name", help="what the token is for, e.g. prometheus")
@@ -88,6 +92,29 @@ def show(cfg: Config) -> int:
     for u in users:
         locked = " LOCKED" if float(str(u["locked_until"])) > time.time() else ""
         print(f"{u['username']:<24} {u['role']:<12}{locked}")
+    return EXIT_OK
+
+
+def unlock(cfg: Config, username: str) -> int:
+    """Lift ``username``'s lockout and forget its failed logins; audited as the console
+    (the operating-system user who ran it)."""
+    from edge_agent import compose
+
+    store = open_store(cfg)
+    try:
+        acc = compose.accounts(cfg, store)
+        acc.unlock(username)
+        acc.audit(
+            username=f"console:{getpass.getuser()}",
+            action="user.unlock",
+            target=username,
+            remote="console",
+            request_id="-",
+            now=time.time(),
+        ).result()
+    finally:
+        store.close()
+    print(f"unlocked {username}")
     return EXIT_OK
 
 

@@ -9,6 +9,14 @@ and the audit log.
 - API tokens for machines: random, shown once, stored as SHA-256, act as their user.
 - Lockout: ``web.lockout_attempts`` failed logins in a row lock the account for
   ``web.lockout_s``; a locked account answers like a bad password (no user enumeration).
+  Each attempt is counted (reserved) in the writer before its password is checked, so
+  concurrent guesses cannot all slip in before the count: at most ``lockout_attempts`` of
+  them are ever checked. A lock that a stranger set on purpose is lifted from the console
+  (``edge-agent users unlock NAME``), so nobody can keep an admin out of the node.
+- Throttle per address: more than ``web.login_throttle_attempts`` failed logins from one
+  client address within ``web.login_throttle_window_s`` refuse that address's logins
+  (:class:`LoginThrottled`, HTTP 429) until the window has passed, without locking anybody's
+  account.
 - Roles: ``radiologist`` (read studies, review findings), ``operator`` (node status, storage,
   models; no patient data beyond the worklist), ``admin`` (everything, users, audit export).
 """
@@ -16,20 +24,26 @@ and the audit log.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
 import secrets
 import sqlite3
+import threading
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from edge_agent.errors import EdgeError
 from edge_agent.store import Store
+
+if TYPE_CHECKING:
+    from edge_agent.metrics import Metrics
 
 ROLES = ("radiologist", "operator", "admin")
 _USERNAME = re.compile(r"[a-z][a-z0-9._-]{1,63}")
@@ -38,6 +52,22 @@ N, R, P = 2**15, 8, 1
 
 class AuthFailed(EdgeError):
     """Wrong credentials, locked or disabled account (one message for all: no enumeration)."""
+
+
+class LoginThrottled(AuthFailed):
+    """Too many failed logins from one client address; ``retry_after_s`` until the next."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(
+            "too many failed logins from this address; try again in "
+            f"{max(1, round(retry_after_s))} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+#: Addresses whose failures are remembered at most (the oldest are forgotten first), so a
+#: flood of spoofed or rotating addresses cannot grow memory without bound.
+THROTTLE_MAX_ADDRESSES = 10_000
 
 
 class AccountError(EdgeError):
@@ -89,8 +119,11 @@ def _sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# a fixed hash to spend the same time on unknown users as on known ones
-_DUMMY = hash_password(secrets.token_urlsafe(16))
+@functools.cache
+def _dummy_hash() -> str:
+    """A fixed hash to spend the same time on unknown users as on known ones (made on first
+    use: scrypt costs ~0.2 s, which every CLI command paid at import)."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 class Accounts:
@@ -101,11 +134,19 @@ class Accounts:
         session_ttl_s: float,
         lockout_attempts: int,
         lockout_s: float,
+        throttle_attempts: int = 20,
+        throttle_window_s: float = 300.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self.session_ttl_s = session_ttl_s
         self.lockout_attempts = lockout_attempts
         self.lockout_s = lockout_s
+        self.throttle_attempts = throttle_attempts
+        self.throttle_window_s = throttle_window_s
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # address -> times
+        self._failures_lock = threading.Lock()
 
     # -- users ---------------------------------------------------------------------------
 
@@ -144,24 +185,46 @@ class Accounts:
     def login(
         self, username: str, password: str, *, remote: str, now: float
     ) -> tuple[str, Session]:
-        """A new session (cookie token, session) or :class:`AuthFailed`."""
-        rows = self._store.query(
-            "SELECT username, role, password_hash, failed_logins, locked_until, disabled "
-            "FROM users WHERE username = ?",
-            (username,),
-        )
-        if not rows:
-            verify_password(password, _DUMMY)
+        """A new session (cookie token, session) or :class:`AuthFailed` (its subclass
+        :class:`LoginThrottled` when ``remote`` made too many failed attempts)."""
+        try:
+            out = self._login(username, password, remote=remote, now=now)
+        except LoginThrottled:
+            self._count("throttled")
+            raise
+        except AuthFailed:
+            self._count("failed")
+            raise
+        self._count("ok")
+        return out
+
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.web_logins.labels(outcome).inc()
+
+    def _login(
+        self, username: str, password: str, *, remote: str, now: float
+    ) -> tuple[str, Session]:
+        self._check_throttle(remote, now)
+        u = self._store.writer.call(partial(_reserve_attempt, username=username, now=now, acc=self))
+        if u is None or u["disabled"] or u["locked_until"] > now:
+            # the same time as a real check, but against a hash that is not this user's: a
+            # locked account's password is not even tried
+            verify_password(password, _dummy_hash())
+            self._note_failure(remote, now)
             raise AuthFailed("wrong username or password, or the account is locked")
-        u = rows[0]
-        ok = verify_password(password, u["password_hash"])
-        if u["disabled"] or u["locked_until"] > now or not ok:
-            if not ok:
-                self._store.writer.call(partial(_failed, username=username, now=now, acc=self))
+        if not verify_password(password, u["password_hash"]):
+            self._store.writer.call(partial(_failed, username=username, now=now, acc=self))
+            self._note_failure(remote, now)
             raise AuthFailed("wrong username or password, or the account is locked")
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
 
         def open_session(conn: sqlite3.Connection) -> None:
+            (locked_until,) = conn.execute(
+                "SELECT locked_until FROM users WHERE username = ?", (username,)
+            ).fetchone()
+            if locked_until > now:  # concurrent guesses locked it while this one was checked
+                raise AuthFailed("wrong username or password, or the account is locked")
             conn.execute(
                 "UPDATE users SET failed_logins = 0, locked_until = 0 WHERE username = ?",
                 (username,),
@@ -173,8 +236,46 @@ class Accounts:
                 (_sha(token), username, csrf, now, now + self.session_ttl_s, remote),
             )
 
-        self._store.writer.call(open_session)
+        try:
+            self._store.writer.call(open_session)
+        except AuthFailed:
+            self._note_failure(remote, now)
+            raise
         return token, Session(User(username, u["role"]), csrf, _sha(token))
+
+    def unlock(self, username: str) -> None:
+        """Lift ``username``'s lockout and forget its failed attempts (the console's way
+        back in when strangers keep an account locked)."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE users SET failed_logins = 0, locked_until = 0 WHERE username = ?",
+                (username,),
+            )
+            if cur.rowcount == 0:
+                raise AccountError(f"no user {username}")
+
+        self._store.writer.call(tx)
+
+    def _check_throttle(self, remote: str, now: float) -> None:
+        with self._failures_lock:
+            times = self._failures.get(remote)
+            if times is None:
+                return
+            while times and times[0] <= now - self.throttle_window_s:
+                times.popleft()
+            if len(times) >= self.throttle_attempts:
+                raise LoginThrottled(times[0] + self.throttle_window_s - now)
+
+    def _note_failure(self, remote: str, now: float) -> None:
+        with self._failures_lock:
+            times = self._failures.pop(remote, None) or deque()
+            times.append(now)
+            while len(times) > self.throttle_attempts:
+                times.popleft()
+            self._failures[remote] = times  # most recent last
+            while len(self._failures) > THROTTLE_MAX_ADDRESSES:
+                self._failures.popitem(last=False)
 
     def session(self, token: str, *, now: float) -> Session | None:
         rows = self._store.query(
@@ -245,10 +346,39 @@ class Accounts:
         )
 
 
-def _failed(conn: sqlite3.Connection, *, username: str, now: float, acc: Accounts) -> None:
+def _reserve_attempt(
+    conn: sqlite3.Connection, *, username: str, now: float, acc: Accounts
+) -> sqlite3.Row | None:
+    """Count one login attempt for ``username`` before its password is checked (as a
+    failure until it succeeds), in the writer: of any number of concurrent attempts at most
+    ``lockout_attempts`` get past this before the account locks. The user's row (None for no
+    such user); ``locked_until`` is in the future when this attempt must fail."""
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT username, role, password_hash, failed_logins, locked_until, disabled "
+        "FROM users WHERE username = ?",
+        (username,),
+    ).fetchone()
+    if row is None or row["disabled"] or row["locked_until"] > now:
+        return row
+    if row["failed_logins"] >= acc.lockout_attempts:  # that many attempts are in flight
+        conn.execute(
+            "UPDATE users SET locked_until = ?, failed_logins = 0 WHERE username = ?",
+            (now + acc.lockout_s, username),
+        )
+        locked: sqlite3.Row | None = conn.execute(
+            "SELECT username, role, password_hash, failed_logins, locked_until, disabled "
+            "FROM users WHERE username = ?",
+            (username,),
+        ).fetchone()
+        return locked
     conn.execute(
         "UPDATE users SET failed_logins = failed_logins + 1 WHERE username = ?", (username,)
     )
+    return row
+
+
+def _failed(conn: sqlite3.Connection, *, username: str, now: float, acc: Accounts) -> None:
+    """The reserved attempt failed (it is already counted): lock at the limit."""
     (n,) = conn.execute(
         "SELECT failed_logins FROM users WHERE username = ?", (username,)
     ).fetchone()

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from markupsafe import Markup
 
-from edge_agent.web.accounts import AuthFailed
+from edge_agent.web.accounts import AuthFailed, LoginThrottled
 from edge_agent.web.api import load_study, node_status_data
 from edge_agent.web.http import (
     COOKIE,
@@ -89,13 +89,17 @@ async def login(request: web.Request) -> web.StreamResponse:
         await asyncio.wrap_future(
             deps.accounts.audit(
                 username=username or "-",
-                action="login.failed",
+                action="login.throttled" if isinstance(exc, LoginThrottled) else "login.failed",
                 target=username,
                 remote=remote(request),
                 request_id=request[REQUEST_ID],
                 now=deps.clock.now(),
             )
         )
+        if isinstance(exc, LoginThrottled):
+            page = _page(request, "login.html", status=429, next=target, error=str(exc))
+            page.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+            return page
         return _page(request, "login.html", status=401, next=target, error=str(exc))
     request[USER] = session.user
     await audit(request, "login", session.user.username)

@@ -500,3 +500,34 @@ def test_conflict_queue_is_resolvable_from_the_ui_api(
         await app.hub_client.close()
 
     asyncio.run(go())
+
+
+def test_login_throttle_per_address_answers_429_and_is_audited(
+    app_factory: Any, tmp_path: Path, clock: Any
+) -> None:
+    app = app_factory(make_config(tmp_path, web={"login_throttle_attempts": 3}))
+    app.accounts.add_user("rad", "radiologist", PASSWORD, now=clock.now())
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        for i in range(3):  # three different names: no account is locked by it
+            r = await client.post("/login", data={"username": f"u{i}", "password": "guess!"})
+            assert r.status == 401
+        r = await client.post("/login", data={"username": "rad", "password": PASSWORD})
+        assert r.status == 429
+        assert 1 <= int(r.headers["Retry-After"]) <= 300
+        assert "too many failed logins from this address" in await r.text()
+        clock.advance(301)
+        await _login(client, "rad")  # the window passed: the right password works again
+        text = app.metrics.registry
+        assert text.get_sample_value("edge_web_logins_total", {"outcome": "throttled"}) == 1
+
+    _run(app, body)
+    rows = app.store.query("SELECT action, target FROM audit_log ORDER BY id")
+    actions = [(r["action"], r["target"]) for r in rows]
+    assert actions[:5] == [
+        ("login.failed", "u0"),
+        ("login.failed", "u1"),
+        ("login.failed", "u2"),
+        ("login.throttled", "rad"),
+        ("login", "rad"),
+    ]
