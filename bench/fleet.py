@@ -126,15 +126,17 @@ def start_replicas(db: str, n: int, tmp: Path) -> dict[int, subprocess.Popen[byt
     return procs
 
 
-async def fleet(
-    ports: list[int], tokens: list[str], seconds: float, batch: int
-) -> tuple[int, list[float]]:
+async def enroll_all(ports: list[int], tokens: list[str]) -> list[Credential]:
+    """Each site enrolls at a replica, round robin (before the measured window)."""
+    return await asyncio.gather(
+        *(enroll(f"http://127.0.0.1:{ports[i % len(ports)]}", t) for i, t in enumerate(tokens))
+    )
+
+
+async def fleet(creds: list[Credential], seconds: float, batch: int) -> tuple[int, list[float]]:
     """Every site pushes batches back to back for ``seconds``; (records stored, latencies)."""
     latencies: list[float] = []
     stored = 0
-    creds = await asyncio.gather(
-        *(enroll(f"http://127.0.0.1:{ports[i % len(ports)]}", t) for i, t in enumerate(tokens))
-    )
     start = time.monotonic()
 
     async def site(i: int, cred: Credential) -> None:
@@ -180,11 +182,12 @@ def shape(
     store.engine.dispose()
     procs = start_replicas(db, replicas, tmp)
     try:
+        creds = asyncio.run(enroll_all(list(procs), tokens))
         hub0 = sum(cpu_s(p.pid) for p in procs.values())
         pg_pids = postgres_pids(postmaster)
         pg0 = sum(cpu_s(p) for p in pg_pids)
         t0 = time.monotonic()
-        stored, lat = asyncio.run(fleet(list(procs), tokens, args.seconds, args.batch))
+        stored, lat = asyncio.run(fleet(creds, args.seconds, args.batch))
         wall = time.monotonic() - t0
         hub = sum(cpu_s(p.pid) for p in procs.values()) - hub0
         pg_pids = sorted(set(pg_pids) | set(postgres_pids(postmaster)))
