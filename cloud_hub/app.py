@@ -19,13 +19,25 @@ path                         method  what
 /v1/archive/SHA256           PATCH   append a chunk (Upload-Offset/-Length); hash checked
 /v1/archive/SHA256           GET     an archived object of this site (HTTP Range): restore
 /v1/fleet                    GET     every site's last heartbeat (ops token)
-/healthz                     GET     process alive
+/metrics                     GET     Prometheus metrics (ops or metrics token)
+/healthz                     GET     process alive (liveness)
+/readyz                      GET     database and blob stores usable (readiness): 200 or 503
 ===========================  ======  ======================================================
+
+**Threads and connections.** Every blocking call (SQL, blob store) runs on the app's own
+worker threads, ``worker_threads`` of them (by default ``db_pool_size + db_max_overflow``:
+one thread per connection the pool may open, so a request never queues for a connection it
+could not get; the pool timeout is the backstop, answered 503 with ``Retry-After``). The
+PostgreSQL connection budget is then explicit: replicas x (``db_pool_size`` +
+``db_max_overflow``) must stay below ``max_connections`` minus a reserve (superuser
+connections, the CLI, backups); see the README.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import hashlib
 import hmac
 import json
@@ -33,8 +45,9 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy.exc
 from aiohttp import web
@@ -48,6 +61,7 @@ from cloud_hub.artifacts import (
     parse_range,
     part_name,
 )
+from cloud_hub.metrics import HubMetrics, create_metrics
 from cloud_hub.store import AlreadyResolved, AuthError, ConcurrentUpdate, HubStore, connect
 from hub_protocol import PROTOCOL_VERSIONS, ChangePage, ProtocolError, PushBatch
 
@@ -65,7 +79,14 @@ class HubConfig:
     sites' archived instances and their unfinished uploads, likewise (a folder is for a single
     replica, or a volume every replica mounts read-write; several replicas need a bucket).
     ``ops_token``: bearer token for the fleet view and enrollment-token creation
-    over HTTP (empty = disabled)."""
+    over HTTP (empty = disabled); ``metrics_token``: a bearer token that reads ``/metrics``
+    and nothing else (for Prometheus; the ops token reads it too; empty = ops token only).
+
+    Database pool (per replica): ``db_pool_size`` connections kept open, up to
+    ``db_max_overflow`` more under load, a request waiting ``db_pool_timeout_s`` seconds at
+    most for one (then 503). ``worker_threads``: threads for blocking calls; 0 = pool size +
+    overflow. ``retry_after_s``: the ``Retry-After`` of a 503. ``probe_timeout_s``: how long
+    ``/readyz`` waits for each check, and the metrics for their database queries."""
 
     database_url: str = "sqlite:///hub.db"
     artifact_dir: str = "artifacts"
@@ -73,13 +94,65 @@ class HubConfig:
     host: str = "127.0.0.1"
     port: int = 8443
     ops_token: str = ""
+    metrics_token: str = ""
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
+    db_pool_timeout_s: float = 5.0
+    worker_threads: int = 0
+    retry_after_s: int = 5
+    probe_timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("db_pool_size", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("db_max_overflow", "worker_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("db_pool_timeout_s", "probe_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def pool_limit(self) -> int:
+        """The most database connections one replica opens."""
+        return self.db_pool_size + self.db_max_overflow
+
+    @property
+    def threads(self) -> int:
+        return self.worker_threads or self.pool_limit
+
+    def engine_options(self) -> dict[str, Any]:
+        """Pool options for :func:`cloud_hub.store.connect` (none for an in-memory SQLite
+        database, whose single connection is not pooled)."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            return {}
+        return {
+            "pool_size": self.db_pool_size,
+            "max_overflow": self.db_max_overflow,
+            "pool_timeout": self.db_pool_timeout_s,
+        }
 
 
 STORE = web.AppKey("store", HubStore)
 ARTIFACTS: web.AppKey[FolderArtifacts | S3Artifacts] = web.AppKey("artifacts")
 ARCHIVE: web.AppKey[FolderArtifacts | S3Artifacts] = web.AppKey("archive")
 CONFIG = web.AppKey("config", HubConfig)
+METRICS = web.AppKey("metrics", HubMetrics)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 SITE = web.RequestKey("site_id", str)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def offload(app: web.Application, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run blocking ``fn`` on the app's worker threads (sized with the database pool)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(app[EXECUTOR], functools.partial(fn, *args, **kwargs))
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -97,13 +170,41 @@ def _bearer(request: web.Request) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _unavailable(request: web.Request, cause: str, what: str) -> web.Response:
+    request.app[METRICS].unavailable.labels(cause).inc()
+    resp = error(503, "unavailable", f"the hub's {what} is unavailable; retry later")
+    resp.headers["Retry-After"] = str(request.app[CONFIG].retry_after_s)
+    return resp
+
+
+@web.middleware
+async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by its route pattern (never the raw path: the label set
+    stays bounded whatever sites send)."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        m = request.app[METRICS]
+        m.requests.labels(route, request.method, str(status)).inc()
+        m.request_seconds.labels(route).observe(time.perf_counter() - start)
+
+
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate site endpoints; translate failures into JSON errors in one place."""
     try:
         if request.path.startswith("/v1/") and request.path not in ("/v1/enroll", "/v1/fleet"):
             store = request.app[STORE]
-            request[SITE] = await asyncio.to_thread(store.authenticate, _bearer(request))
+            request[SITE] = await offload(request.app, store.authenticate, _bearer(request))
         return await handler(request)
     except AuthError as exc:
         return error(401, "unauthenticated", str(exc))
@@ -124,15 +225,14 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error(409, "conflict", "concurrent write for the same records; resend")
     except ArtifactError:
         log.exception("blob store unavailable")
-        resp = error(503, "unavailable", "the hub's object store is unavailable; retry later")
-        resp.headers["Retry-After"] = "5"
-        return resp
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError):
-        # the details (host, port, pool state) are for the hub's log, not for sites
+        return _unavailable(request, "blob_store", "object store")
+    # the details (host, port, pool state) are for the hub's log, not for sites
+    except sqlalchemy.exc.TimeoutError:
+        log.warning("no database connection free in time on %s", request.path, exc_info=True)
+        return _unavailable(request, "db_pool_timeout", "database")
+    except sqlalchemy.exc.OperationalError:
         log.exception("database unavailable")
-        resp = error(503, "unavailable", "the hub's database is unavailable; retry later")
-        resp.headers["Retry-After"] = "5"
-        return resp
+        return _unavailable(request, "database", "database")
 
 
 async def _json(request: web.Request) -> Any:
@@ -144,7 +244,7 @@ async def enroll(request: web.Request) -> web.Response:
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:
         raise ProtocolError("missing 'token'")
-    done = await asyncio.to_thread(request.app[STORE].enroll, token)
+    done = await offload(request.app, request.app[STORE].enroll, token)
     return web.json_response(
         {
             "site_id": done.site_id,
@@ -159,12 +259,15 @@ async def push(request: web.Request) -> web.Response:
     site = request[SITE]
     if batch.site_id != site:
         return error(403, "forbidden", "a site can push only its own records")
-    receipt = await asyncio.to_thread(request.app[STORE].push, site, batch)
+    receipt = await offload(request.app, request.app[STORE].push, site, batch)
+    counted = request.app[METRICS].push_records
+    for outcome, n in collections.Counter(r.status.value for r in receipt.receipts).items():
+        counted.labels(outcome).inc(n)
     return web.json_response(receipt.to_json())
 
 
 async def high_water(request: web.Request) -> web.Response:
-    hw = await asyncio.to_thread(request.app[STORE].high_water, request[SITE])
+    hw = await offload(request.app, request.app[STORE].high_water, request[SITE])
     return web.json_response({"high_water": {k.value: v for k, v in hw.items()}})
 
 
@@ -174,7 +277,9 @@ async def changes(request: web.Request) -> web.Response:
         limit = min(int(request.query.get("limit", "500")), 5000)
     except ValueError as exc:
         raise ProtocolError(f"bad cursor/limit: {exc}") from exc
-    rows = await asyncio.to_thread(request.app[STORE].changes_after, request[SITE], cursor, limit)
+    rows = await offload(
+        request.app, request.app[STORE].changes_after, request[SITE], cursor, limit
+    )
     page = ChangePage(changes=tuple(rows), next_cursor=rows[-1].cursor if rows else cursor)
     return web.json_response(page.to_json())
 
@@ -183,19 +288,22 @@ async def heartbeat(request: web.Request) -> web.Response:
     body = await _json(request)
     if not isinstance(body, dict):
         raise ProtocolError("heartbeat must be an object")
-    await asyncio.to_thread(request.app[STORE].heartbeat, request[SITE], body)
+    await offload(request.app, request.app[STORE].heartbeat, request[SITE], body)
     return web.json_response({"ok": True})
 
 
 async def results(request: web.Request) -> web.Response:
-    rows = await asyncio.to_thread(
-        request.app[STORE].results, request[SITE], study_uid=request.query.get("study_uid")
+    rows = await offload(
+        request.app,
+        request.app[STORE].results,
+        request[SITE],
+        study_uid=request.query.get("study_uid"),
     )
     return web.json_response({"results": rows})
 
 
 async def list_conflicts(request: web.Request) -> web.Response:
-    rows = await asyncio.to_thread(request.app[STORE].conflicts, request[SITE])
+    rows = await offload(request.app, request.app[STORE].conflicts, request[SITE])
     return web.json_response({"conflicts": rows})
 
 
@@ -206,7 +314,8 @@ async def resolve_conflict(request: web.Request) -> web.Response:
     by = str(body.get("by") or request[SITE])[:200]
     try:
         conflict_id = int(request.match_info["conflict_id"])
-        version = await asyncio.to_thread(
+        version = await offload(
+            request.app,
             request.app[STORE].resolve_conflict,
             request[SITE],
             conflict_id,
@@ -215,6 +324,7 @@ async def resolve_conflict(request: web.Request) -> web.Response:
         )
     except (KeyError, ValueError) as exc:
         return error(404, "not_found", str(exc).strip("'\""))
+    request.app[METRICS].conflict_resolutions.labels(body["take"]).inc()
     return web.json_response({"version": version})
 
 
@@ -236,7 +346,7 @@ async def _serve_blob(
         if not path.is_file():
             return error(404, "not_found", "no such artifact")
         return web.FileResponse(path, headers={"Content-Type": "application/x-tar"})
-    size = await asyncio.to_thread(store.size, sha)
+    size = await offload(request.app, store.size, sha)
     if size is None:
         return error(404, "not_found", "no such artifact")
     try:
@@ -256,7 +366,7 @@ async def _serve_blob(
     resp = web.StreamResponse(status=206 if wanted else 200, headers=headers)
     await resp.prepare(request)
     chunks = store.read(sha, start, end)
-    while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+    while (block := await offload(request.app, next, chunks, None)) is not None:
         await resp.write(block)
     await resp.write_eof()
     return resp
@@ -273,10 +383,10 @@ async def archive_upload_state(request: web.Request) -> web.Response:
     """How much of an archive upload the hub holds (resume from ``offset``)."""
     sha = _sha(request)
     store = request.app[STORE]
-    size = await asyncio.to_thread(store.archived_size, request[SITE], sha)
+    size = await offload(request.app, store.archived_size, request[SITE], sha)
     if size is not None:
         return web.json_response({"sha256": sha, "offset": size, "complete": True})
-    up = await asyncio.to_thread(store.upload_state, request[SITE], sha)
+    up = await offload(request.app, store.upload_state, request[SITE], sha)
     offset = 0 if up is None else up.received
     return web.json_response({"sha256": sha, "offset": offset, "complete": False})
 
@@ -306,7 +416,7 @@ async def archive_upload(request: web.Request) -> web.Response:
     if not 0 <= offset <= total or total > MAX_ARCHIVE_OBJECT:
         raise ProtocolError(f"bad Upload-Offset/Upload-Length ({offset}/{total})")
     store, blobs = request.app[STORE], request.app[ARCHIVE]
-    if await asyncio.to_thread(store.archived_size, site, sha) is not None:
+    if await offload(request.app, store.archived_size, site, sha) is not None:
         return web.json_response({"sha256": sha, "offset": total, "complete": True})
     body = await request.read()
     if offset + len(body) > total:
@@ -314,21 +424,28 @@ async def archive_upload(request: web.Request) -> web.Response:
     if offset == 0 and len(body) == total:  # the whole object at once: no parts
         if hashlib.sha256(body).hexdigest() != sha:
             return error(422, "hash_mismatch", "the uploaded bytes do not match their SHA-256")
-        await asyncio.to_thread(blobs.put, sha, body)
+        await offload(request.app, blobs.put, sha, body)
         return await _archived(request, site, sha, total)
     if not body:
-        held = await asyncio.to_thread(store.upload_state, site, sha)
+        held = await offload(request.app, store.upload_state, site, sha)
         return _mismatch(0 if held is None else held.received)
     part = part_name(site, sha, offset, len(body))
-    await asyncio.to_thread(blobs.put_part, part, body)  # durable before it is recorded
-    res = await asyncio.to_thread(
-        store.add_upload_chunk, site, sha, offset=offset, length=len(body), total=total, part=part
+    await offload(request.app, blobs.put_part, part, body)  # durable before it is recorded
+    res = await offload(
+        request.app,
+        store.add_upload_chunk,
+        site,
+        sha,
+        offset=offset,
+        length=len(body),
+        total=total,
+        part=part,
     )
     if res.upload is None:  # archived meanwhile (by another replica)
         return web.json_response({"sha256": sha, "offset": total, "complete": True})
     if not res.accepted:
         if part not in {p[2] for p in res.upload.parts}:
-            await asyncio.to_thread(blobs.delete_parts, [part])
+            await offload(request.app, blobs.delete_parts, [part])
         return _mismatch(res.received)
     if res.received < total:
         return web.json_response({"sha256": sha, "offset": res.received, "complete": False})
@@ -340,17 +457,21 @@ async def archive_upload(request: web.Request) -> web.Response:
             yield from blobs.read_part(name)
 
     try:
-        size = await asyncio.to_thread(blobs.put_verified, sha, chunks())
+        size = await offload(request.app, blobs.put_verified, sha, chunks())
     except ValueError:
-        dropped = await asyncio.to_thread(store.drop_upload, site, sha)
-        await asyncio.to_thread(blobs.delete_parts, [p[2] for p in (dropped or res.upload).parts])
+        dropped = await offload(request.app, store.drop_upload, site, sha)
+        await offload(
+            request.app, blobs.delete_parts, [p[2] for p in (dropped or res.upload).parts]
+        )
         return error(422, "hash_mismatch", "the uploaded bytes do not match their SHA-256")
     except PartMissing:
-        if await asyncio.to_thread(store.archived_size, site, sha) is not None:
+        if await offload(request.app, store.archived_size, site, sha) is not None:
             return web.json_response({"sha256": sha, "offset": total, "complete": True})
         # its bytes are not all there any more: the upload starts again from the beginning
-        dropped = await asyncio.to_thread(store.drop_upload, site, sha)
-        await asyncio.to_thread(blobs.delete_parts, [p[2] for p in (dropped or res.upload).parts])
+        dropped = await offload(request.app, store.drop_upload, site, sha)
+        await offload(
+            request.app, blobs.delete_parts, [p[2] for p in (dropped or res.upload).parts]
+        )
         return _mismatch(0)
     return await _archived(request, site, sha, size)
 
@@ -358,16 +479,16 @@ async def archive_upload(request: web.Request) -> web.Response:
 async def _archived(request: web.Request, site: str, sha: str, size: int) -> web.Response:
     """Record a stored, verified object and remove its upload's parts."""
     store, blobs = request.app[STORE], request.app[ARCHIVE]
-    done = await asyncio.to_thread(store.record_archived, site, sha, size)
+    done = await offload(request.app, store.record_archived, site, sha, size)
     if done is not None:
-        await asyncio.to_thread(blobs.delete_parts, [p[2] for p in done.parts])
+        await offload(request.app, blobs.delete_parts, [p[2] for p in done.parts])
     return web.json_response({"sha256": sha, "offset": size, "complete": True}, status=201)
 
 
 async def archive_download(request: web.Request) -> web.StreamResponse:
     """An archived object of this site (HTTP Range), for a restore."""
     sha = _sha(request)
-    if await asyncio.to_thread(request.app[STORE].archived_size, request[SITE], sha) is None:
+    if await offload(request.app, request.app[STORE].archived_size, request[SITE], sha) is None:
         return error(404, "not_found", "no such archived object for this site")
     return await _serve_blob(request, request.app[ARCHIVE], sha)
 
@@ -378,7 +499,8 @@ async def model_status(request: web.Request) -> web.Response:
         name, version, status = str(body["name"]), str(body["version"]), str(body["status"])
     except (KeyError, TypeError) as exc:
         raise ProtocolError(f"model status needs name, version, status: {exc}") from exc
-    await asyncio.to_thread(
+    await offload(
+        request.app,
         request.app[STORE].report_install,
         request[SITE],
         name,
@@ -393,7 +515,7 @@ async def fleet(request: web.Request) -> web.Response:
     ops = request.app[CONFIG].ops_token
     if not ops or not hmac.compare_digest(_bearer(request), ops):
         raise AuthError("the fleet view needs the ops token")
-    rows = await asyncio.to_thread(request.app[STORE].list_sites)
+    rows = await offload(request.app, request.app[STORE].list_sites)
     for r in rows:
         r["health"] = json.loads(r["health"]) if r["health"] else None
     return web.json_response({"sites": rows})
@@ -425,7 +547,7 @@ async def fleet_page(request: web.Request) -> web.Response:
             text="the fleet page needs the ops token (as the password)",
             headers={"WWW-Authenticate": 'Basic realm="edge fleet", charset="UTF-8"'},
         )
-    rows = await asyncio.to_thread(request.app[STORE].list_sites)
+    rows = await offload(request.app, request.app[STORE].list_sites)
     now = time.time()
     out = []
     for r in rows:
@@ -474,14 +596,75 @@ async def fleet_page(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
+def _ops_bearer(request: web.Request, *also: str) -> bool:
+    """The request carries the ops token (or one of ``also``) as its bearer credential."""
+    try:
+        given = _bearer(request)
+    except AuthError:
+        return False
+    return any(t and hmac.compare_digest(given, t) for t in (request.app[CONFIG].ops_token, *also))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics: the ops token or the metrics token, like the other ops views
+    (the agent's /metrics needs a token too; request counts and fleet figures are not for
+    sites or passers-by)."""
+    if not _ops_bearer(request, request.app[CONFIG].metrics_token):
+        raise AuthError("metrics need the ops or the metrics token")
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    body = await offload(request.app, generate_latest, request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers (it checks nothing else, so a database outage does not
+    get every replica restarted)."""
     return web.json_response({"status": "ok"})
+
+
+async def _check(app: web.Application, fn: Callable[[], None], name: str) -> str:
+    # on the loop's default threads, not the workers: a replica busy serving stays ready
+    try:
+        await asyncio.wait_for(asyncio.to_thread(fn), app[CONFIG].probe_timeout_s)
+    except TimeoutError:
+        log.warning("readiness: %s did not answer in time", name)
+        return "timeout"
+    except Exception:  # any failure is "not ready"; the details stay in the hub's log
+        log.warning("readiness: %s failed", name, exc_info=True)
+        return "failed"
+    return "ok"
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: a query on the database and a write check of both blob stores (release
+    archives, site archives), at once. 200 ``{"status": "ready", "checks": {...}}``, or 503
+    with ``"unready"`` and each check's ``ok`` / ``failed`` / ``timeout``: names of checks,
+    never hosts or errors."""
+    app = request.app
+    timeout = app[CONFIG].probe_timeout_s
+    store = app[STORE]
+    names = ("database", "artifacts", "archive")
+    outcomes = await asyncio.gather(
+        _check(app, functools.partial(store.ping, timeout_s=timeout), "database"),
+        _check(app, app[ARTIFACTS].check, "artifacts"),
+        _check(app, app[ARCHIVE].check, "archive"),
+    )
+    checks = dict(zip(names, outcomes, strict=True))
+    if all(v == "ok" for v in outcomes):
+        return web.json_response({"status": "ready", "checks": checks})
+    resp = web.json_response({"status": "unready", "checks": checks}, status=503)
+    resp.headers["Retry-After"] = str(app[CONFIG].retry_after_s)
+    return resp
 
 
 def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Application:
     """The hub application; the database is opened (and migrated) in ``cleanup_ctx``."""
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[measured, errors_and_auth], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
+    app[METRICS] = create_metrics(
+        lambda: app.get(STORE), pool_limit=config.pool_limit, timeout_s=config.probe_timeout_s
+    )
     app[ARTIFACTS] = open_artifacts(config.artifact_dir)
     app[ARCHIVE] = open_artifacts(config.archive_dir)
 
@@ -494,13 +677,21 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
                 blobs.root,
             )
 
+    async def workers(app: web.Application) -> AsyncIterator[None]:
+        app[EXECUTOR] = ThreadPoolExecutor(config.threads, thread_name_prefix="hub-worker")
+        yield
+        app[EXECUTOR].shutdown(wait=True, cancel_futures=True)
+
     async def database(app: web.Application) -> AsyncIterator[None]:
-        s = store or HubStore(await asyncio.to_thread(connect, config.database_url))
+        s = store or HubStore(
+            await offload(app, connect, config.database_url, **config.engine_options())
+        )
         app[STORE] = s
         yield
         if store is None:
             s.engine.dispose()
 
+    app.cleanup_ctx.append(workers)
     app.cleanup_ctx.append(database)
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/push", push)
@@ -517,5 +708,7 @@ def create_app(config: HubConfig, *, store: HubStore | None = None) -> web.Appli
     app.router.add_get("/v1/archive/{sha256}", archive_download)
     app.router.add_get("/v1/fleet", fleet)
     app.router.add_get("/fleet", fleet_page)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app

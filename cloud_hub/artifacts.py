@@ -107,6 +107,10 @@ class ArtifactStore(Protocol):
         otherwise store nothing and raise ValueError. Returns the size."""
         ...
 
+    def check(self) -> None:
+        """Raise :class:`ArtifactError` unless the store can be written now (readiness)."""
+        ...
+
 
 def _check(sha256: str, data: bytes | None = None) -> None:
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
@@ -196,6 +200,16 @@ class FolderArtifacts:
             with contextlib.suppress(OSError):  # only once empty: others' parts stay
                 folder.rmdir()
 
+    def check(self) -> None:
+        """The folder exists (made if need be) and a file can be written in it and removed."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".ready.{uuid.uuid4().hex}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ArtifactError(f"folder store not writable: {exc}") from exc
+
     def put_verified(self, sha256: str, chunks: Iterable[bytes]) -> int:
         path = self.path(sha256)
         hashing = _Hashing(chunks)
@@ -251,6 +265,15 @@ class S3Artifacts:
             Bucket=self.bucket, Key=self._key(sha256), Range=f"bytes={start}-{end - 1}"
         )
         yield from _drain(obj["Body"])
+
+    def check(self) -> None:
+        """The bucket answers a HEAD request with these credentials."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise ArtifactError(f"artifact store: {exc}") from exc
 
     def _part_key(self, name: str) -> str:
         _check_part(name)

@@ -7,7 +7,9 @@ Examples::
     cloud-hub sites list --database-url postgresql+psycopg://hub@db/hub
 
 ``--database-url`` defaults to ``$HUB_DATABASE_URL``, then ``sqlite:///hub.db``; the ops
-token for the fleet view comes from ``$HUB_OPS_TOKEN``.
+token for the fleet view comes from ``$HUB_OPS_TOKEN``, a token that reads only ``/metrics``
+from ``$HUB_METRICS_TOKEN``. ``run``'s pool options default to ``$HUB_DB_POOL_SIZE``,
+``$HUB_DB_MAX_OVERFLOW``, ``$HUB_DB_POOL_TIMEOUT_S`` and ``$HUB_WORKER_THREADS``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cloud-hub",
@@ -64,6 +70,35 @@ def _parser() -> argparse.ArgumentParser:
         "--archive-dir",
         default=os.environ.get("HUB_ARCHIVE_DIR", "archive"),
         help="sites' archived instances: a folder, or s3://bucket/prefix",
+    )
+    pool = run.add_argument_group(
+        "database pool and threads (per replica; budget: replicas x (pool size + overflow) "
+        "<= PostgreSQL max_connections - reserve)"
+    )
+    pool.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=_env_int("HUB_DB_POOL_SIZE", 5),
+        help="connections kept open (default $HUB_DB_POOL_SIZE or 5)",
+    )
+    pool.add_argument(
+        "--db-max-overflow",
+        type=int,
+        default=_env_int("HUB_DB_MAX_OVERFLOW", 5),
+        help="more connections opened under load (default $HUB_DB_MAX_OVERFLOW or 5)",
+    )
+    pool.add_argument(
+        "--db-pool-timeout",
+        type=float,
+        default=float(os.environ.get("HUB_DB_POOL_TIMEOUT_S", "5")),
+        help="seconds a request waits for a connection, then 503 (default "
+        "$HUB_DB_POOL_TIMEOUT_S or 5)",
+    )
+    pool.add_argument(
+        "--worker-threads",
+        type=int,
+        default=_env_int("HUB_WORKER_THREADS", 0),
+        help="threads for blocking calls (default $HUB_WORKER_THREADS or 0 = pool size + overflow)",
     )
     run.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     run.add_argument("--tls-key", help="PEM private key for --tls-cert")
@@ -205,6 +240,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         artifact_dir=args.artifact_dir,
         archive_dir=args.archive_dir,
         ops_token=os.environ.get("HUB_OPS_TOKEN", ""),
+        metrics_token=os.environ.get("HUB_METRICS_TOKEN", ""),
+        db_pool_size=args.db_pool_size,
+        db_max_overflow=args.db_max_overflow,
+        db_pool_timeout_s=args.db_pool_timeout,
+        worker_threads=args.worker_threads,
     )
     ssl_context = None
     if args.tls_cert or args.tls_key:

@@ -246,8 +246,25 @@ def associations_closed(app: Any) -> bool:
     return int(rows[0][0]) > 0 and not rows[0][1]
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    """The session's PostgreSQL server: its URL, and ``restart()`` (``pg_ctl restart``: every
+    session is cut, the server is back when it returns)."""
+
+    url: str
+    ctl: tuple[str, ...]
+
+    def restart(self) -> None:
+        subprocess.run([*self.ctl, "-w", "-m", "fast", "restart"], capture_output=True, check=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the session (initdb + pg_ctl as the postgres user).
     Skips with the reason if none can be started here."""
     import glob
@@ -308,7 +325,10 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ):
             assert time.monotonic() < deadline, "PostgreSQL did not become ready"
             time.sleep(0.2)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        yield PostgresServer(
+            f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
+            (*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log")),
+        )
     finally:
         subprocess.run(
             [*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"],

@@ -11,6 +11,7 @@ and write only its own rows.
 * :mod:`~cloud_hub.store.releases`: model releases, assignments, staged rollouts
 * :mod:`~cloud_hub.store.archive`: each site's archived objects
 * :mod:`~cloud_hub.store.feed`: the change feed sites pull
+* :mod:`~cloud_hub.store.stats`: the readiness query and fleet-wide figures for metrics
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cloud_hub.store.feed import FeedStore
 from cloud_hub.store.releases import ReleaseStore
 from cloud_hub.store.schema import SchemaTooNew, connect, migrate
 from cloud_hub.store.sites import AuthError, Enrolled, SitesStore
+from cloud_hub.store.stats import FleetStats, StatsStore
 from cloud_hub.store.sync import HUB_RULES, SyncStore
 from hub_protocol.conflicts import Rule
 
@@ -32,6 +34,7 @@ __all__ = [
     "AuthError",
     "ConcurrentUpdate",
     "Enrolled",
+    "FleetStats",
     "HubStore",
     "SchemaTooNew",
     "connect",
@@ -39,7 +42,9 @@ __all__ = [
 ]
 
 
-class HubStore(ReleaseStore, SitesStore, SyncStore, ConflictStore, ArchiveStore, FeedStore):
+class HubStore(
+    ReleaseStore, SitesStore, SyncStore, ConflictStore, ArchiveStore, FeedStore, StatsStore
+):
     """All the hub's reads and writes, each scoped to one site."""
 
     def __init__(self, engine: Engine, rules: dict[str, Rule] | None = None) -> None:

@@ -12,6 +12,12 @@ transaction committed (or rolled back, and then the number is reused). Whatever 
 sees of a site's feed is therefore a prefix in position order; a held writer delays what
 comes after it and hides nothing. (Chosen over PostgreSQL's snapshot horizon because it
 holds on SQLite too and costs one row update that the writer's site lock already owns.)
+
+**How far behind a site is.** A site asks for the entries after the cursor it has applied
+(the edge advances its cursor in the transaction that applies a page), so each pull records
+that cursor in ``feed_acks``: the feed lag (entries not yet applied, age of the oldest) is
+what the hub's metrics report. That row is apart from the site's row, so a pull never waits
+for the site's lock held by a push.
 """
 
 from __future__ import annotations
@@ -24,8 +30,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cloud_hub.store.base import StoreBase
-from cloud_hub.store.schema import changes, sites
+from cloud_hub.store.schema import changes, feed_acks, sites
 from hub_protocol import Change, ChangeType
+
+
+def _upsert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(feed_acks)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(feed_acks)
 
 
 def write_change(
@@ -63,8 +79,23 @@ def write_change(
 class FeedStore(StoreBase):
     """Reading a site's feed, and adding to it outside another write."""
 
-    def changes_after(self, site_id: str, cursor: int, limit: int = 500) -> list[Change]:
+    def changes_after(
+        self, site_id: str, cursor: int, limit: int = 500, *, now: float | None = None
+    ) -> list[Change]:
+        """The entries of ``site_id``'s feed after ``cursor``, in position order; records
+        ``cursor`` as what the site has applied (a position only grows)."""
         with self.engine.connect() as conn:
+            if cursor > 0:
+                at = time.time() if now is None else now
+                ins = _upsert(conn.dialect.name).values(site_id=site_id, pos=cursor, at=at)
+                conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=[feed_acks.c.site_id],
+                        set_={"pos": ins.excluded.pos, "at": ins.excluded.at},
+                        where=feed_acks.c.pos < ins.excluded.pos,
+                    )
+                )
+                conn.commit()
             return [
                 Change(
                     cursor=int(r["pos"]),

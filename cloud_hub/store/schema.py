@@ -193,6 +193,14 @@ archive_uploads = sa.Table(  # chunked uploads in progress: which parts hold whi
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 
+feed_acks = sa.Table(  # how far each site has applied its feed (the cursor it last pulled after)
+    "feed_acks",
+    metadata,
+    sa.Column("site_id", sa.String(64), primary_key=True),
+    sa.Column("pos", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
 
 class SchemaTooNew(RuntimeError):
     """The database holds migrations this code does not know: it was upgraded by a newer
@@ -243,6 +251,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0006_archive", (archive_objects,)),
     ("0007_wide_versions_site_feed", _wide_versions_and_site_feed),
     ("0008_archive_uploads", (archive_uploads,)),
+    ("0009_feed_acks", (feed_acks,)),
 )
 
 #: the advisory lock key replicas take while migrating (any constant shared by all of them)

@@ -51,6 +51,8 @@ Cloud hub (--overlay hub), namespace edge-hub, Secrets cloud-hub-secrets, cloud-
   --database-url-file FILE   external database (or the same, read from FILE). Default: the
                              in-cluster StatefulSet, with a generated password
   --ops-token-file FILE      bearer token for the hub's fleet view (HUB_OPS_TOKEN)
+  --metrics-token-file FILE  bearer token that reads only the hub's /metrics, for Prometheus
+                             (HUB_METRICS_TOKEN)
   --s3-credentials FILE      AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines, for
                              an S3-compatible archive (see overlays/hub/kustomization.yaml)
 
@@ -98,6 +100,7 @@ tls_key=""
 database_url=""
 database_url_file=""
 ops_token_file=""
+metrics_token_file=""
 s3_credentials=""
 replace_secrets=0
 dry_run=0
@@ -128,6 +131,7 @@ while [ "$#" -gt 0 ]; do
         --database-url) need_value "$@"; database_url="$2"; shift 2 ;;
         --database-url-file) need_value "$@"; database_url_file="$2"; shift 2 ;;
         --ops-token-file) need_value "$@"; ops_token_file="$2"; shift 2 ;;
+        --metrics-token-file) need_value "$@"; metrics_token_file="$2"; shift 2 ;;
         --s3-credentials) need_value "$@"; s3_credentials="$2"; shift 2 ;;
         --replace-secrets) replace_secrets=1; shift ;;
         --dry-run) dry_run=1; shift ;;
@@ -158,7 +162,7 @@ readable() { # option file
 }
 
 if [ "$kind" = edge ]; then
-    for opt in tls_cert tls_key database_url database_url_file ops_token_file s3_credentials; do
+    for opt in tls_cert tls_key database_url database_url_file ops_token_file metrics_token_file s3_credentials; do
         [ -z "${!opt}" ] || die "--${opt//_/-} is for --overlay hub, not $overlay"
     done
     [ -z "$cold_keys" ] || [ -z "$generate_cold_keys" ] || die "give --cold-keys or --generate-cold-keys, not both"
@@ -202,6 +206,7 @@ else
         [[ "$database_url" =~ ^postgresql(\+[a-z0-9]+)?:// ]] || die "--database-url must be a postgresql:// URL (SQLAlchemy, e.g. postgresql+psycopg://USER:PASS@HOST:5432/DB)"
     fi
     [ -z "$ops_token_file" ] || readable --ops-token-file "$ops_token_file"
+    [ -z "$metrics_token_file" ] || readable --metrics-token-file "$metrics_token_file"
     if [ -n "$s3_credentials" ]; then
         readable --s3-credentials "$s3_credentials"
         grep -q '^AWS_ACCESS_KEY_ID=.' "$s3_credentials" || die "--s3-credentials: '$s3_credentials' has no AWS_ACCESS_KEY_ID=... line"
@@ -394,7 +399,7 @@ else
     # cloud-hub-secrets
     mode=create
     if secret_exists cloud-hub-secrets; then
-        if [ -n "$database_url$ops_token_file$s3_credentials" ]; then
+        if [ -n "$database_url$ops_token_file$metrics_token_file$s3_credentials" ]; then
             [ "$replace_secrets" = 1 ] || die "the Secret $namespace/cloud-hub-secrets exists: give --replace-secrets and all its values again to change it"
             mode=replace
         else
@@ -419,6 +424,7 @@ else
         fi
         args+=("--from-file=database-url=$(secret_file database-url "$database_url")")
         [ -z "$ops_token_file" ] || args+=("--from-file=ops-token=$ops_token_file")
+        [ -z "$metrics_token_file" ] || args+=("--from-file=metrics-token=$metrics_token_file")
         if [ -n "$s3_credentials" ]; then
             args+=("--from-file=aws-access-key-id=$(secret_file aws-access-key-id "$(sed -n 's/^AWS_ACCESS_KEY_ID=//p' "$s3_credentials" | head -n 1 | tr -d '\r')")")
             args+=("--from-file=aws-secret-access-key=$(secret_file aws-secret-access-key "$(sed -n 's/^AWS_SECRET_ACCESS_KEY=//p' "$s3_credentials" | head -n 1 | tr -d '\r')")")

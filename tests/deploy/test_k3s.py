@@ -293,8 +293,9 @@ def test_hub_overlay(rendered: Render) -> None:
     assert "--database-url" not in args  # from $HUB_DATABASE_URL: no password in argv
     env = {e["name"]: e for e in hub["env"]}
     assert env["HUB_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "cloud-hub-secrets"
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert hub[probe]["httpGet"]["path"] == "/healthz"
+    assert hub["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert hub["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert env["HUB_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
     settings = one(docs, "ConfigMap", "cloud-hub-settings-")
     assert {"HUB_ARCHIVE_DIR", "HUB_ARTIFACT_DIR"} <= set(settings["data"])
 
@@ -310,6 +311,36 @@ def test_hub_overlay(rendered: Render) -> None:
     assert pg["spec"]["volumeClaimTemplates"]
     headless = one(docs, "Service", "cloud-hub-postgres")
     assert headless["spec"]["clusterIP"] == "None"
+
+
+#: connections kept free beside the hub's pools: the CLI (kubectl exec ... cloud-hub), pg_dump
+#: backups, monitoring (README "Several hub replicas on one PostgreSQL")
+PG_RESERVE = 20
+
+
+def test_postgres_is_sized_for_the_hub_at_its_hpa_maximum(rendered: Render) -> None:
+    """Every replica the HPA may run, plus the rolling update's surge pod, each with its pool
+    at its limit, fits in PostgreSQL's max_connections with the superuser and ops reserve;
+    the hub's worker threads follow its pool (the default: one per connection)."""
+    docs = rendered("hub")
+    hpa = one(docs, "HorizontalPodAutoscaler", "cloud-hub")
+    dep = one(docs, "Deployment", "cloud-hub")
+    surge = int(dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"])
+    settings = one(docs, "ConfigMap", "cloud-hub-settings-")["data"]
+    pool = int(settings["HUB_DB_POOL_SIZE"]) + int(settings["HUB_DB_MAX_OVERFLOW"])
+    assert "HUB_WORKER_THREADS" not in settings  # = pool size + overflow
+    (db,) = one(docs, "StatefulSet", "cloud-hub-postgres")["spec"]["template"]["spec"]["containers"]
+    pg = dict(a.split("=", 1) for a in db["args"] if "=" in a)
+    max_conn, superuser = int(pg["max_connections"]), int(pg["superuser_reserved_connections"])
+    need = (hpa["spec"]["maxReplicas"] + surge) * pool
+    assert need <= max_conn - superuser - PG_RESERVE, (need, max_conn)
+    from cloud_hub.app import HubConfig
+
+    defaults = HubConfig()
+    assert (defaults.db_pool_size, defaults.db_max_overflow) == (
+        int(settings["HUB_DB_POOL_SIZE"]),
+        int(settings["HUB_DB_MAX_OVERFLOW"]),
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """deploy/monitoring: the alert rules pass promtool's checks and unit tests, every rule is
-complete, and every metric the rules and dashboards name is one the agent exports (read from
-edge_agent/metrics.py itself) or a documented external one."""
+complete, and every metric the rules and dashboards name is one the agent or the hub exports
+(read from edge_agent/metrics.py and cloud_hub/metrics.py themselves) or a documented
+external one."""
 
 from __future__ import annotations
 
@@ -43,15 +44,34 @@ MUST_ALERT_ON = {
     "DCGM_FI_DEV_FB_USED",
     "DCGM_FI_DEV_FB_FREE",
     "up",
+    "hub_database_up",
+    "hub_http_requests_total",
+    "hub_db_pool_connections",
+    "hub_feed_oldest_pending_seconds",
+    "hub_conflicts_opened_total",
 }
-METRIC = re.compile(r"\b(edge_[a-z0-9_]+|DCGM_FI_[A-Z0-9_]+|kube_[a-z0-9_]+|up)\b")
+# what the fleet dashboard must show of the hub (the brief of the hub-operations issue)
+HUB_PANELS = {
+    "hub_http_requests_total",
+    "hub_http_request_seconds_bucket",
+    "hub_push_records_total",
+    "hub_conflicts_opened_total",
+    "hub_conflicts_resolved_total",
+    "hub_feed_pending_changes",
+    "hub_feed_oldest_pending_seconds",
+    "hub_db_pool_connections",
+    "hub_db_pool_limit",
+    "hub_unavailable_total",
+    "hub_database_up",
+}
+METRIC = re.compile(r"\b(edge_[a-z0-9_]+|hub_[a-z0-9_]+|DCGM_FI_[A-Z0-9_]+|kube_[a-z0-9_]+|up)\b")
 
 
-def agent_series() -> set[str]:
-    """Every series name the agent's /metrics can expose (counters with _total/_created,
+def series_of(families: Any) -> set[str]:
+    """Every series name of these metric families (counters with _total/_created,
     histograms with _bucket/_sum/_count/_created)."""
     names: set[str] = set()
-    for family in create_metrics().registry.collect():
+    for family in families:
         if family.type == "counter":
             names |= {f"{family.name}_total", f"{family.name}_created"}
         elif family.type == "histogram":
@@ -59,6 +79,25 @@ def agent_series() -> set[str]:
         else:
             names.add(family.name)
     return names
+
+
+def agent_series() -> set[str]:
+    """Every series name the agent's /metrics can expose."""
+    return series_of(create_metrics().registry.collect())
+
+
+def hub_series() -> set[str]:
+    """Every series name the hub's /metrics can expose (its fleet-wide figures read from a
+    real, empty hub database)."""
+    from cloud_hub.metrics import create_metrics as create_hub_metrics
+    from cloud_hub.store import HubStore, connect
+
+    store = HubStore(connect("sqlite://"))
+    try:
+        hub = create_hub_metrics(lambda: store, pool_limit=10, timeout_s=3.0)
+        return series_of(hub.registry.collect())
+    finally:
+        store.engine.dispose()
 
 
 def metrics_in(expr: str) -> set[str]:
@@ -83,7 +122,7 @@ def dashboard_exprs(path: Path) -> list[str]:
 
 
 def check_names(names: set[str], where: str) -> None:
-    known = agent_series()
+    known = agent_series() | hub_series()
     unknown = {n for n in names if n not in known and n not in EXTERNAL}
     assert not unknown, f"{where} names metrics that nothing exports: {sorted(unknown)}"
 
@@ -135,8 +174,11 @@ def test_scrape_config_is_valid(tmp_path: Path) -> None:
     config = yaml.safe_load((MONITORING / "prometheus-scrape.yaml").read_text())
     token = tmp_path / "token"
     token.write_text("test-token\n")
-    edge = next(j for j in config["scrape_configs"] if j["job_name"] == "edge-agent")
-    edge["authorization"]["credentials_file"] = str(token)
+    for job in config["scrape_configs"]:
+        if "authorization" in job:
+            job["authorization"]["credentials_file"] = str(token)
+        if "tls_config" in job:
+            job["tls_config"]["ca_file"] = str(token)  # must exist; not parsed by the check
     config["rule_files"] = [str(ALERTS)]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
@@ -219,3 +261,11 @@ def test_edge_dashboard_covers_every_agent_metric() -> None:
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in exported}
     shown = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
     assert families <= shown, f"not on the edge dashboard: {sorted(families - shown)}"
+
+
+def test_fleet_dashboard_shows_the_hub() -> None:
+    used: set[str] = set()
+    for expr in dashboard_exprs(DASHBOARDS[1]):
+        used |= metrics_in(expr)
+    assert used >= HUB_PANELS, f"not on the fleet dashboard: {sorted(HUB_PANELS - used)}"
+    assert hub_series() >= HUB_PANELS
