@@ -97,8 +97,10 @@ def init(
     min_free_mb: int = 1024,
     force: bool = False,
 ) -> int:
-    """Write ``root/edge-agent.toml`` from the commented default and create the data folders.
-    Returns 1 (and writes nothing) if the file exists and not ``force``."""
+    """Write ``root/edge-agent.toml`` from the commented default, create the data folders and
+    the migrated database, so every command (``users add``, ``models install``, ``storage
+    status``) works before the first ``run``. Returns 1 (and writes nothing) if the file exists
+    and not ``force``."""
     cfg_path = root / CONFIG_NAME
     if cfg_path.exists() and not force:
         print(f"edge-agent: {cfg_path} exists (use --force to overwrite)", file=sys.stderr)
@@ -124,11 +126,13 @@ def init(
     root.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(text, encoding="utf-8")
     cfg = load_config(cfg_path)  # validate what we wrote
+    from edge_agent import compose
     from edge_agent.app import prepare_dirs
 
     prepare_dirs(cfg)
+    compose.open_store(cfg, must_exist=False, fsync_dirs=cfg.storage.fsync).close()
     print(f"wrote {cfg_path}")
-    print(f"data folders under {cfg.storage.data_dir}")
+    print(f"data folders and database under {cfg.storage.data_dir}")
     print(f"start with: edge-agent run --config {cfg_path}")
     return EXIT_OK
 
