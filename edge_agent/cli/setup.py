@@ -28,7 +28,8 @@ def add_init(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "edge-agent init /srv/edge --port 11112 --ae-title EDGE --allow PACS@10.0.0.0/8",
     )
     sp.add_argument("dir", type=Path, help="folder for the config file and data")
-    sp.add_argument("--port", type=int, default=11112)
+    sp.add_argument("--port", type=int, default=11112, help="DICOM port")
+    sp.add_argument("--web-port", type=int, default=8080, help="web UI and REST API port")
     sp.add_argument("--ae-title", default="EDGE_AGENT")
     sp.add_argument("--bind-address", default="0.0.0.0")
     sp.add_argument(
@@ -46,6 +47,7 @@ def add_init(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         func=lambda a: init(
             a.dir,
             port=a.port,
+            web_port=a.web_port,
             ae_title=a.ae_title,
             bind_address=a.bind_address,
             allow=a.allow,
@@ -90,6 +92,7 @@ def init(
     root: Path,
     *,
     port: int = 11112,
+    web_port: int = 8080,
     ae_title: str = "EDGE_AGENT",
     bind_address: str = "0.0.0.0",
     allow: Sequence[str] = (),
@@ -118,6 +121,7 @@ def init(
         ae_title=ae_title,
         bind_address=bind_address,
         port=port,
+        web_port=web_port,
         allowed_callers="\n".join(lines),
         data_dir="data",
         min_free_mb=min_free_mb,
