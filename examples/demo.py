@@ -346,6 +346,22 @@ def _show_web(port: int, user: str, password: str) -> None:
         )
 
 
+def _show_fleet(hub_url: str, ops_token: str) -> None:
+    """The hub's fleet page as ops open it (HTTP Basic, the ops token as password)."""
+    import base64
+
+    if not hub_url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"not the demo hub: {hub_url}")
+    auth = base64.b64encode(f"ops:{ops_token}".encode()).decode()
+    req = urllib.request.Request(  # noqa: S310 - scheme checked above
+        f"{hub_url}/fleet", headers={"Authorization": f"Basic {auth}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - the demo's own hub
+        page = r.read().decode()
+    title = page.split("<h1>", 1)[1].split("</h1>", 1)[0] if "<h1>" in page else "?"
+    print(f"    GET {hub_url}/fleet as ops: {r.status}, {title}")
+
+
 def run_demo(workdir: Path, *, serve: bool = False) -> int:
     """Run the demo in ``workdir`` (recreated). ``serve``: leave the agent, hub and web UI
     running at the end until Ctrl-C. Returns the exit code."""
@@ -594,6 +610,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
 
         _step("the web UI answers: /healthz, /readyz, and the worklist API as the radiologist")
         _show_web(web_port, "radiologist", logins["radiologist"])
+        _show_fleet(hub_url, ops_token)
         if serve:
             _step("serving until Ctrl-C")
             print(f"    web UI   http://127.0.0.1:{web_port}/")

@@ -61,6 +61,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "reference models, not for clinical use" in results_heading(out)
     assert "make demo DEMO_ARGS=--serve" in out.rsplit("Done.", 1)[1]
     assert "{'" not in out  # no Python dict reprs
+    assert re.search(r"GET http://127\.0\.0\.1:\d+/fleet as ops: 200, Fleet: 1 site\(s\)", out)
 
 
 def results_heading(out: str) -> str:
