@@ -1,17 +1,20 @@
 # Two entry points for a fresh machine:  `make demo`  and  `make test`.
-# Both install what they need from the distribution (apt-get: DCMTK, Orthanc, PostgreSQL, Chromium,
-# promtool, kubectl, shellcheck) and Python packages into .venv.
+# `make demo` installs only what the demo needs: DCMTK (apt-get) and the runtime Python
+# packages into .venv. `make test` installs the whole test toolchain (apt-get: DCMTK,
+# Orthanc, PostgreSQL, dicom3tools, Chromium, promtool, kubectl, shellcheck) and `.[dev]`.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit bench system-deps venv clean
+.PHONY: demo test lint typecheck unit bench system-deps demo-deps venv venv-runtime clean
 
 ## demo: hub + agent + reference models + sample studies end to end (DEMO_ARGS=--serve keeps it up)
-demo: system-deps venv
+demo: demo-deps venv-runtime
+	@echo "==> running the demo (examples/demo.py $(DEMO_ARGS))"
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 ## test: lint, type-check and the whole test suite (real DCMTK peers, fault injection)
@@ -30,6 +33,15 @@ typecheck: venv
 ## bench: ingest throughput, agent vs DCMTK storescp (see README "Benchmarks")
 bench: system-deps venv
 	$(BIN)/python bench/ingest.py
+
+## demo-deps: DCMTK only (storescu, echoscu, storescp), what the demo runs
+demo-deps:
+	@echo "==> checking DCMTK (storescu, echoscu, storescp)"
+	@command -v storescu >/dev/null && command -v echoscu >/dev/null \
+	  && command -v storescp >/dev/null || { \
+	  echo "==> installing dcmtk (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends dcmtk; }
 
 system-deps:
 	@missing=""; \
@@ -51,15 +63,30 @@ system-deps:
 	  case "$$missing" in *prometheus*) \
 	    { $(SUDO) systemctl disable --now prometheus >/dev/null 2>&1; \
 	      $(SUDO) service prometheus stop >/dev/null 2>&1; true; } ;; esac; \
+	  case "$$missing" in *orthanc*) \
+	    { $(SUDO) systemctl disable --now orthanc >/dev/null 2>&1; \
+	      $(SUDO) service orthanc stop >/dev/null 2>&1; true; } ;; esac; \
 	fi
 
 venv: $(STAMP)
+
+# the runtime packages only (what the demo needs); a full dev install satisfies it too
+venv-runtime: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml
+	@echo "==> creating the virtualenv $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	@echo "==> upgrading pip"
+	$(BIN)/python -m pip install --upgrade pip
+	@echo "==> installing the agent and hub with their runtime packages (pip shows each one)"
+	$(BIN)/python -m pip install -e .
+	touch $(RUNTIME_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
 
 clean:
 	rm -rf $(VENV) demo-run .mypy_cache .ruff_cache .pytest_cache

@@ -537,6 +537,28 @@ def _ops_basic(request: web.Request) -> bool:
     return bool(ops) and hmac.compare_digest(password, ops)
 
 
+def _counts(counts: object) -> str:
+    """``{"urgent": 0, "normal": 2}`` as ``urgent 0, normal 2`` ("-" when not reported)."""
+    if not isinstance(counts, dict) or not counts:
+        return "-" if not isinstance(counts, dict) else "none"
+    order = {"urgent": 0, "normal": 1, "batch": 2}  # lanes in the order they drain
+    keys = sorted(counts, key=lambda k: (order.get(str(k), 3), str(k)))
+    return ", ".join(f"{k} {counts[k]}" for k in keys)
+
+
+def _age(seconds: object) -> str:
+    """Seconds as ``45 s``, ``12 min``, ``3.5 h`` or ``2.0 d`` ("-" when nothing waits)."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
 async def fleet_page(request: web.Request) -> web.Response:
     """Every site's health as a page (ops: HTTP Basic, any user name, the ops token)."""
     import html
@@ -563,10 +585,10 @@ async def fleet_page(request: web.Request) -> web.Response:
             r["name"],
             r["site_id"],
             age + (" - OFFLINE?" if stale else ""),
-            str(h.get("outbox", {})),
-            str(h.get("oldest_unsynced_age_s", "-")),
+            _counts(h.get("outbox")),
+            _age(h.get("oldest_unsynced_age_s")),
             str(h.get("outbox_dead", "-")),
-            str(h.get("studies", {})),
+            _counts(h.get("studies")),
             tiers,
             str(h.get("version", "-")),
         ]
@@ -579,7 +601,7 @@ async def fleet_page(request: web.Request) -> web.Response:
             "Id",
             "Last heartbeat",
             "Outbox",
-            "Oldest unsynced (s)",
+            "Oldest unsynced",
             "Dead letters",
             "Studies",
             "Storage",

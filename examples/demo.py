@@ -95,10 +95,11 @@ def _wait_settled(db: Path, timeout: float = 120.0) -> None:
 
 
 def start_hub(
-    db: Path, port: int, log: Path, artifact_dir: Path | None = None
+    db: Path, port: int, log: Path, artifact_dir: Path | None = None, *, ops_token: str = ""
 ) -> subprocess.Popen[bytes]:
-    """``cloud-hub run`` on SQLite ``db`` as a child process (output appended to ``log``);
-    returns once /healthz answers. Raises RuntimeError if it exits or takes over 30 s."""
+    """``cloud-hub run`` on SQLite ``db`` as a child process (output appended to ``log``),
+    with ``ops_token`` for its fleet page; returns once /healthz answers. Raises RuntimeError
+    if it exits or takes over 30 s."""
     with log.open("ab") as fh:
         proc = subprocess.Popen(
             [
@@ -117,6 +118,7 @@ def start_hub(
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,
+            env=dict(os.environ, HUB_OPS_TOKEN=ops_token) if ops_token else None,
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
@@ -313,7 +315,8 @@ def _model_rollout(ops: Ops, workdir: Path, cfg: Path, port: int, samples: Path)
         lambda: "refused" in ops.hub("models", "status", SEG_NAME, show=False),
     )
     models.history(_load(cfg), SEG_NAME)
-    print(f"    active now: {_model_state(db, SEG_NAME)}")
+    state = _model_state(db, SEG_NAME)
+    print("    active now: " + ", ".join(f"{v} {s}" for v, s in sorted(state.items())))
 
 
 def _show_web(port: int, user: str, password: str) -> None:
@@ -330,13 +333,33 @@ def _show_web(port: int, user: str, password: str) -> None:
     opener.open(base + "/login", data=form, timeout=10).read()
     with opener.open(base + "/api/v1/studies?limit=5", timeout=10) as r:
         body = json.loads(r.read())
-    print(f"    GET /api/v1/studies as {user}: {body['total']} studies; newest first:")
-    for st in body["studies"][:5]:
+    shown = body["studies"][:5]
+    print(
+        f"    GET /api/v1/studies as {user}: {body['total']} studies; "
+        f"the newest {len(shown)} of them:"
+    )
+    for st in shown:
         flag = " CRITICAL" if st["critical"] else ""
         print(
             f"      {st['patient_name']:<16} {st['modality']:<3} {st['state']:<8} "
             f"{st['ai_status']}{flag}"
         )
+
+
+def _show_fleet(hub_url: str, ops_token: str) -> None:
+    """The hub's fleet page as ops open it (HTTP Basic, the ops token as password)."""
+    import base64
+
+    if not hub_url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"not the demo hub: {hub_url}")
+    auth = base64.b64encode(f"ops:{ops_token}".encode()).decode()
+    req = urllib.request.Request(  # noqa: S310 - scheme checked above
+        f"{hub_url}/fleet", headers={"Authorization": f"Basic {auth}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - the demo's own hub
+        page = r.read().decode()
+    title = page.split("<h1>", 1)[1].split("</h1>", 1)[0] if "<h1>" in page else "?"
+    print(f"    GET {hub_url}/fleet as ops: {r.status}, {title}")
 
 
 def run_demo(workdir: Path, *, serve: bool = False) -> int:
@@ -401,7 +424,8 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
     hub_port, hub_db = _free_port(), workdir / "hub.db"
     hub_url = f"http://127.0.0.1:{hub_port}"
     _step(f"starting the cloud hub (cloud-hub run, SQLite, {hub_url}) and enrolling this site")
-    hub = start_hub(hub_db, hub_port, workdir / "hub.log")
+    ops_token = secrets.token_urlsafe(16)
+    hub = start_hub(hub_db, hub_port, workdir / "hub.log", ops_token=ops_token)
     token = subprocess.run(
         [
             sys.executable,
@@ -474,7 +498,11 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
                 return 1
             time.sleep(0.2)
         print(f"    agent up: AE EDGE_DEMO on 127.0.0.1:{port}; C-ECHO ok (log: {log_path})")
-        print(f"    web UI: http://127.0.0.1:{web_port}/ (radiologist / {logins['radiologist']})")
+        print(
+            f"    web UI: http://127.0.0.1:{web_port}/ (radiologist / {logins['radiologist']}); "
+            f"fleet: {hub_url}/fleet (any user name / {ops_token}); both stop at the end of "
+            "the demo unless it runs with --serve"
+        )
 
         _step("sending the CT and MR studies with storescu")
         for study in (ct, mr):
@@ -499,7 +527,10 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         _wait_settled(workdir / "data" / "edge.db")
         _step("edge-agent studies")
         studies.show(_load(cfg))
-        _step("edge-agent results (reference models: CT lesion segmentation, 2D classifier)")
+        _step(
+            "edge-agent results (reference models, not for clinical use: a CT lesion "
+            "segmentation and a 2D classifier on synthetic images)"
+        )
         results.show(_load(cfg))
 
         _step(
@@ -543,7 +574,7 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         sync.status(_load(cfg))
 
         _step("the hub comes back: the backlog drains, nothing lost, nothing twice")
-        hub = start_hub(hub_db, hub_port, workdir / "hub.log")
+        hub = start_hub(hub_db, hub_port, workdir / "hub.log", ops_token=ops_token)
         _wait_synced(workdir / "data" / "edge.db")
         after = _hub_result_keys(workdir / "data" / "sync-credential.json")
         print(
@@ -584,13 +615,14 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
 
         _step("the web UI answers: /healthz, /readyz, and the worklist API as the radiologist")
         _show_web(web_port, "radiologist", logins["radiologist"])
+        _show_fleet(hub_url, ops_token)
         if serve:
             _step("serving until Ctrl-C")
             print(f"    web UI   http://127.0.0.1:{web_port}/")
             for user, pw in logins.items():
                 print(f"             {user} / {pw}")
             print(f"    DICOM    AE EDGE_DEMO at 127.0.0.1:{port} (storescu -aet STORESCU ...)")
-            print(f"    hub      {hub_url}")
+            print(f"    fleet    {hub_url}/fleet   (any user name / {ops_token})")
             with contextlib.suppress(KeyboardInterrupt):
                 while agent.poll() is None:
                     time.sleep(1)
@@ -608,6 +640,11 @@ def run_demo(workdir: Path, *, serve: bool = False) -> int:
         hub.terminate()
         hub.wait(30)
     print(f"\nDone. Config: {cfg}\nData: {workdir / 'data'}\nAgent log (JSON): {log_path}")
+    if not serve:
+        print(
+            "The agent, hub and web UI have stopped (the links above no longer answer); "
+            "`make demo DEMO_ARGS=--serve` keeps them up until Ctrl-C."
+        )
     return 0 if code == 0 else 1
 
 

@@ -11,6 +11,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -52,8 +54,27 @@ _COMMANDS = (
 )
 
 
+#: what a process stopped by SIGPIPE reports (128 + the signal), as ``git log | head`` does
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 1 error, 2 bad config/usage)."""
+    """Entry point; returns the process exit code (0 ok, 1 error, 2 bad config/usage, 141
+    when the reader of our output went away, as in ``edge-agent studies | head``)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # stop quietly, like a Unix tool killed by SIGPIPE; point stdout at /dev/null so the
+        # interpreter's own flush at exit does not report the same broken pipe again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -67,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        raise  # main() ends quietly
     except OSError as exc:  # e.g. a data folder that cannot be created or written
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"edge-agent: {exc.strerror or exc}{where}", file=sys.stderr)

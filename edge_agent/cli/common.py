@@ -7,6 +7,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,3 +66,33 @@ def fmt_time(t: float | None) -> str:
     if t is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def parse_time(text: str) -> float:
+    """A point in time for a flag such as ``--since``: Unix seconds (``1764547200``) or an ISO
+    8601 date or date-time (``2026-12-01``, ``2026-12-01T08:30``, ``2026-12-01T08:30Z``,
+    ``2026-12-01 08:30+01:00``); without an offset it is local time, as the listings show.
+    Returns Unix seconds; raises :class:`argparse.ArgumentTypeError` (a usage error) on
+    anything else."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use 2026-12-01, 2026-12-01T08:30, 2026-12-01T08:30Z "
+            "or Unix seconds)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a naive time is local time
+    return when.timestamp()
+
+
+def truncation_note(shown: int, total: int, what: str) -> str | None:
+    """``"showing 100 of 250 studies (newest first; --limit N shows more)"``, or None when
+    nothing was left out."""
+    if total <= shown:
+        return None
+    return f"showing {shown} of {total} {what} (newest first; --limit N shows more)"

@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from edge_agent.cli.common import EXIT_OK, add_command, config_arg, fmt_time, load, open_store
+from edge_agent.cli.common import (
+    EXIT_OK,
+    add_command,
+    config_arg,
+    fmt_time,
+    load,
+    open_store,
+    truncation_note,
+)
 from edge_agent.config import Config
+from edge_agent.errors import EdgeError
 
 
 def add_results(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,7 +30,7 @@ def add_results(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     config_arg(sp)
     sp.add_argument("study_uid", nargs="?", help="only this study")
     sp.add_argument("--all", action="store_true", help="include superseded results")
-    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--limit", type=int, default=50, help="at most this many, newest first")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(
         func=lambda a: show(
@@ -52,22 +62,34 @@ def show(
     as_json: bool = False,
 ) -> int:
     """Print the newest ``limit`` results (of ``study_uid`` only, if given) with a summary of
-    their findings."""
-    from edge_agent.results.store import list_results
+    their findings. Raises :class:`EdgeError` when ``study_uid`` names no study this agent
+    holds."""
+    from edge_agent.results.store import count_results, list_results
+    from edge_agent.studies.store import get_study
 
     store = open_store(cfg)
     try:
-        with store.read() as conn:
+        with store.snapshot() as conn:
+            study = get_study(conn, study_uid) if study_uid else None
             results = list_results(
                 conn, study_uid=study_uid, include_superseded=include_superseded, limit=limit
             )
+            total = count_results(conn, study_uid=study_uid, include_superseded=include_superseded)
     finally:
         store.close()
+    if study_uid and study is None and not results:
+        raise EdgeError(f"no study {study_uid} on this agent (edge-agent studies lists them)")
+    note = truncation_note(len(results), total, "results")
     if as_json:
         print(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+        if note:
+            print(note, file=sys.stderr)  # stdout stays valid JSON
         return EXIT_OK
     if not results:
-        print("no results yet")
+        if study is not None:
+            print(f"no results for study {study_uid} yet (state {study.state.value})")
+        else:
+            print("no results yet")
     for r in results:
         f = r.findings
         if r.task == "segmentation":
@@ -86,6 +108,8 @@ def show(
             f"\n    result {r.result_id}, {r.instances} instance(s), "
             f"inference {r.inference_ms:.0f} ms"
         )
+    if note:
+        print(note)
     return EXIT_OK
 
 

@@ -28,7 +28,8 @@ def add_init(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "edge-agent init /srv/edge --port 11112 --ae-title EDGE --allow PACS@10.0.0.0/8",
     )
     sp.add_argument("dir", type=Path, help="folder for the config file and data")
-    sp.add_argument("--port", type=int, default=11112)
+    sp.add_argument("--port", type=int, default=11112, help="DICOM port")
+    sp.add_argument("--web-port", type=int, default=8080, help="web UI and REST API port")
     sp.add_argument("--ae-title", default="EDGE_AGENT")
     sp.add_argument("--bind-address", default="0.0.0.0")
     sp.add_argument(
@@ -46,6 +47,7 @@ def add_init(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         func=lambda a: init(
             a.dir,
             port=a.port,
+            web_port=a.web_port,
             ae_title=a.ae_title,
             bind_address=a.bind_address,
             allow=a.allow,
@@ -90,6 +92,7 @@ def init(
     root: Path,
     *,
     port: int = 11112,
+    web_port: int = 8080,
     ae_title: str = "EDGE_AGENT",
     bind_address: str = "0.0.0.0",
     allow: Sequence[str] = (),
@@ -97,8 +100,10 @@ def init(
     min_free_mb: int = 1024,
     force: bool = False,
 ) -> int:
-    """Write ``root/edge-agent.toml`` from the commented default and create the data folders.
-    Returns 1 (and writes nothing) if the file exists and not ``force``."""
+    """Write ``root/edge-agent.toml`` from the commented default, create the data folders and
+    the migrated database, so every command (``users add``, ``models install``, ``storage
+    status``) works before the first ``run``. Returns 1 (and writes nothing) if the file exists
+    and not ``force``."""
     cfg_path = root / CONFIG_NAME
     if cfg_path.exists() and not force:
         print(f"edge-agent: {cfg_path} exists (use --force to overwrite)", file=sys.stderr)
@@ -116,6 +121,7 @@ def init(
         ae_title=ae_title,
         bind_address=bind_address,
         port=port,
+        web_port=web_port,
         allowed_callers="\n".join(lines),
         data_dir="data",
         min_free_mb=min_free_mb,
@@ -124,11 +130,13 @@ def init(
     root.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(text, encoding="utf-8")
     cfg = load_config(cfg_path)  # validate what we wrote
+    from edge_agent import compose
     from edge_agent.app import prepare_dirs
 
     prepare_dirs(cfg)
+    compose.open_store(cfg, must_exist=False, fsync_dirs=cfg.storage.fsync).close()
     print(f"wrote {cfg_path}")
-    print(f"data folders under {cfg.storage.data_dir}")
+    print(f"data folders and database under {cfg.storage.data_dir}")
     print(f"start with: edge-agent run --config {cfg_path}")
     return EXIT_OK
 

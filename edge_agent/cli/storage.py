@@ -20,6 +20,7 @@ from edge_agent.cli.common import (
 )
 from edge_agent.config import Config
 from edge_agent.errors import EdgeError
+from edge_agent.units import fmt_bytes
 
 if TYPE_CHECKING:
     from edge_agent.lifecycle.manager import Lifecycle
@@ -80,12 +81,12 @@ def status(cfg: Config, *, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return EXIT_OK
-    print(f"{'TIER':<6} {'INSTANCES':>9} {'BYTES':>12} {'FS USED':>7} {'FS FREE':>10}  OLDEST")
+    print(f"{'TIER':<6} {'INSTANCES':>9} {'SIZE':>10} {'FS USED':>7} {'FS FREE':>10}  OLDEST")
     for t in st["tiers"]:
         oldest = fmt_time(t["oldest_received_at"]) if t["oldest_received_at"] else "-"
         print(
-            f"{t['tier']:<6} {t['instances']:>9} {t['bytes']:>12} {t['fs_used']:>7.0%} "
-            f"{t['fs_free'] // 2**20:>7} MiB  {oldest}  ({t['root']})"
+            f"{t['tier']:<6} {t['instances']:>9} {fmt_bytes(t['bytes']):>10} "
+            f"{t['fs_used']:>7.0%} {fmt_bytes(t['fs_free']):>10}  {oldest}  ({t['root']})"
         )
     print(
         f"archived at the hub: {st['archived_instances']} instance(s); pending archive: "
@@ -128,7 +129,8 @@ def run_jobs(cfg: Config, jobs: Sequence[str]) -> int:
     finally:
         store.close()
     for name, outcome in ran.items():
-        print(f"{name}: {outcome}")
+        status, _, detail = outcome.partition(": ")
+        print(f"{name:<12} {status:<6} {detail}")
     return EXIT_OK if all(v.startswith("ok") for v in ran.values()) else EXIT_ERROR
 
 

@@ -16,6 +16,7 @@ from edge_agent.cli.common import (
     fmt_time,
     load,
     open_store,
+    truncation_note,
 )
 from edge_agent.config import Config
 from edge_agent.errors import EdgeError
@@ -37,8 +38,13 @@ def add_studies(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="restore UID: bring an archived/cold study back to hot",
     )
     sp.add_argument("uid", nargs="?", help="study instance UID (restore)")
-    sp.add_argument("--state", choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"])
-    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument(
+        "--state",
+        type=str.upper,  # --state failed is FAILED
+        choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"],
+        help="only studies in this state",
+    )
+    sp.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
     sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="restore: wait")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=_cmd_studies)
@@ -53,19 +59,29 @@ def _cmd_studies(args: argparse.Namespace) -> int:
 def show(cfg: Config, *, state: str | None = None, limit: int = 100, as_json: bool = False) -> int:
     """Print the newest ``limit`` studies (only those in ``state`` if given)."""
     from edge_agent.studies.models import StudyState
-    from edge_agent.studies.store import list_studies
+    from edge_agent.studies.store import count_studies, list_studies
 
+    wanted = StudyState(state) if state else None
     store = open_store(cfg)
     try:
-        with store.read() as conn:
-            studies = list_studies(conn, state=StudyState(state) if state else None, limit=limit)
+        with store.snapshot() as conn:
+            studies = list_studies(conn, state=wanted, limit=limit)
+            matching = count_studies(conn, state=wanted)
+            total = count_studies(conn) if wanted else matching
     finally:
         store.close()
+    what = f"{wanted.value} studies" if wanted else "studies"
+    note = truncation_note(len(studies), matching, what)
     if as_json:
         print(json.dumps([s.__dict__ for s in studies], indent=2, default=str))
+        if note:
+            print(note, file=sys.stderr)  # stdout stays valid JSON
         return EXIT_OK
     if not studies:
-        print("no studies yet")
+        if wanted and total:
+            print(f"no {what} ({total} studies in other states; edge-agent studies lists them)")
+        else:
+            print("no studies yet")
         return EXIT_OK
     header = (
         f"{'STUDY INSTANCE UID':<46} {'STATE':<10} {'MOD':<4} {'SER':>3} {'INST':>5} "
@@ -78,6 +94,8 @@ def show(cfg: Config, *, state: str | None = None, limit: int = 100, as_json: bo
             f"{s.series_count:>3} {s.instance_count:>5} {s.late_arrivals:>4} "
             f"{s.patient_id[:12]:<12} {fmt_time(s.last_received_at):<19}"
         )
+    if note:
+        print(note)
     return EXIT_OK
 
 

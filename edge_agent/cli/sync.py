@@ -17,6 +17,7 @@ from edge_agent.cli.common import (
     open_store,
 )
 from edge_agent.config import Config
+from edge_agent.units import fmt_bytes
 
 
 def add_sync(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,7 +88,7 @@ def status(cfg: Config, *, as_json: bool = False) -> int:
     p = out["pending"]
     print(
         f"  pending: urgent {p['urgent']}, normal {p['normal']}, batch {p['batch']} "
-        f"({out['pending_bytes']} bytes); oldest unsynced {out['oldest_unsynced_age_s']} s; "
+        f"({fmt_bytes(out['pending_bytes'])}); oldest unsynced {out['oldest_unsynced_age_s']} s; "
         f"dead letters {out['dead_letters']}"
     )
     return EXIT_OK

@@ -10,7 +10,15 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from edge_agent.cli.common import EXIT_OK, add_command, config_arg, fmt_time, load, open_store
+from edge_agent.cli.common import (
+    EXIT_OK,
+    add_command,
+    config_arg,
+    fmt_time,
+    load,
+    open_store,
+    parse_time,
+)
 from edge_agent.config import Config
 from edge_agent.errors import EdgeError
 
@@ -47,7 +55,14 @@ def add_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ut.set_defaults(func=lambda a: token(load(a), a.name, user=a.user))
     uu = usub.add_parser("audit", help="export the audit log (who saw or did what)")
     config_arg(uu)
-    uu.add_argument("--since", type=float, default=0.0, help="Unix time")
+    uu.add_argument(
+        "--since",
+        type=parse_time,
+        default=0.0,
+        metavar="TIME",
+        help="only entries from then on: 2026-12-01, 2026-12-01T08:30 (local time), "
+        "2026-12-01T08:30Z, or Unix seconds",
+    )
     uu.add_argument("--csv", action="store_true")
     uu.set_defaults(func=lambda a: audit(load(a), since=a.since, as_csv=a.csv))
 
@@ -151,6 +166,8 @@ def audit(cfg: Config, *, since: float = 0.0, as_csv: bool = False) -> int:
         w.writeheader()
         w.writerows(rows)
         return EXIT_OK
+    if not rows:
+        print("no audit entries" + (f" since {fmt_time(since)}" if since else ""))
     for r in rows:
         print(
             f"{fmt_time(float(str(r['at'])))}  {r['username']:<12} {r['action']:<16} "

@@ -44,6 +44,7 @@ from edge_agent.lifecycle.tiers import ARCHIVED, LOCAL_TIERS, Placement, Tiers
 from edge_agent.metrics import Metrics
 from edge_agent.store import Store
 from edge_agent.sync.outbox import enqueue
+from edge_agent.units import fmt_bytes
 from hub_protocol import HybridClock, Lane, RecordType
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class Lifecycle:
 
     async def _archive_job(self) -> str:
         n, nbytes = await self.archive_due()
-        return f"archived {n} instance(s), {nbytes} bytes"
+        return f"archived {n} instance(s), {fmt_bytes(nbytes)}"
 
     async def _integrity_job(self) -> str:
         checked, bad = await asyncio.to_thread(self.integrity_sample)
@@ -550,7 +551,13 @@ class Lifecycle:
                 vacuumed = True
         finally:
             conn.close()
-        return f"checkpoint {done}/{log_frames} frames (busy={busy}); vacuum={vacuumed}"
+        if log_frames <= 0:
+            wal = "write-ahead log empty"
+        else:
+            wal = f"{done} of {log_frames} write-ahead log page(s) written back"
+            if busy:
+                wal += " (a reader held the rest: next time)"
+        return wal + ("; database compacted (VACUUM)" if vacuumed else "")
 
     # -- status --------------------------------------------------------------------------
 

@@ -70,6 +70,16 @@ def _result(row: sqlite3.Row) -> Result:
     )
 
 
+def _results_where(study_uid: str | None, include_superseded: bool) -> tuple[str, list[str]]:
+    where, params = [], []
+    if study_uid:
+        where.append("study_uid = ?")
+        params.append(study_uid)
+    if not include_superseded:
+        where.append("superseded_by IS NULL")
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
 def list_results(
     conn: sqlite3.Connection,
     *,
@@ -78,13 +88,8 @@ def list_results(
     limit: int = 1000,
 ) -> list[Result]:
     """Results, newest first; by default only current (not superseded) ones."""
-    where, params = [], []
-    if study_uid:
-        where.append("study_uid = ?")
-        params.append(study_uid)
-    if not include_superseded:
-        where.append("superseded_by IS NULL")
-    sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
+    where, params = _results_where(study_uid, include_superseded)
+    sql = "SELECT * FROM results" + where  # noqa: S608 - constant fragments
     sql += " ORDER BY created_at DESC, result_id DESC LIMIT ?"
     return [_result(r) for r in conn.execute(sql, (*params, limit))]
 
@@ -101,6 +106,15 @@ def current_object_path(
         (study_uid, series_uid, model_name, kind),
     ).fetchone()
     return str(row[0]) if row else None
+
+
+def count_results(
+    conn: sqlite3.Connection, *, study_uid: str | None = None, include_superseded: bool = False
+) -> int:
+    """How many results :func:`list_results` would give without a limit."""
+    where, params = _results_where(study_uid, include_superseded)
+    row = conn.execute("SELECT count(*) FROM results" + where, params).fetchone()  # noqa: S608
+    return int(row[0])
 
 
 def result_for_review(conn: sqlite3.Connection, result_id: str) -> sqlite3.Row | None:

@@ -288,6 +288,17 @@ def list_studies(
     return [_study(r) for r in conn.execute(sql, (*params, limit))]
 
 
+def count_studies(conn: sqlite3.Connection, *, state: StudyState | None = None) -> int:
+    """How many studies there are (in ``state``, if given)."""
+    if state is None:
+        row = conn.execute("SELECT count(*) FROM studies").fetchone()
+    else:
+        row = conn.execute(
+            "SELECT count(*) FROM studies WHERE state = ?", (state.value,)
+        ).fetchone()
+    return int(row[0])
+
+
 def get_study(conn: sqlite3.Connection, study_uid: str) -> Study | None:
     row = conn.execute(
         f"SELECT {_STUDY_COLUMNS} FROM studies s WHERE s.study_uid = ?",  # noqa: S608

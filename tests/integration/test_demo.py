@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,19 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "* ct-lesion-seg            1.1.0" in rollout
     rogue = out.split("not trust", 1)[1].split("==>", 1)[0]
     assert "ct-lesion-seg 1.2.0  refused: unknown_key" in rogue
-    assert "active now: {'1.0.0': 'installed', '1.1.0': 'active'}" in rogue
+    assert "active now: 1.0.0 installed, 1.1.0 active" in rogue
     web = out.split("==> the web UI answers", 1)[1].split("==>", 1)[0]
-    assert "GET /readyz: 200" in web and "6 studies" in web
+    assert "GET /readyz: 200" in web and "6 studies; the newest 5 of them" in web
     assert "DEMO^CT^THREE    CT  DONE     2 result(s) CRITICAL" in web
     assert "agent exited with 0" in out
+    # where to look, with what login, and what the results are not
+    assert re.search(r"web UI: http://127\.0\.0\.1:\d+/ \(radiologist / \S+\)", out)
+    assert re.search(r"fleet: http://127\.0\.0\.1:\d+/fleet \(any user name / \S+\)", out)
+    assert "reference models, not for clinical use" in results_heading(out)
+    assert "make demo DEMO_ARGS=--serve" in out.rsplit("Done.", 1)[1]
+    assert "{'" not in out  # no Python dict reprs
+    assert re.search(r"GET http://127\.0\.0\.1:\d+/fleet as ops: 200, Fleet: 1 site\(s\)", out)
+
+
+def results_heading(out: str) -> str:
+    return out.split("==> edge-agent results", 1)[1].split("\n", 1)[0]
