@@ -8,6 +8,7 @@ import json
 
 from edge_agent.cli.common import EXIT_OK, add_command, config_arg, fmt_time, load, open_store
 from edge_agent.config import Config
+from edge_agent.errors import EdgeError
 
 
 def add_results(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,19 +55,28 @@ def show(
     """Print the newest ``limit`` results (of ``study_uid`` only, if given) with a summary of
     their findings."""
     from edge_agent.results.store import list_results
+    from edge_agent.studies.store import get_study
 
     store = open_store(cfg)
     try:
         with store.read() as conn:
+            study = get_study(conn, study_uid) if study_uid else None
             results = list_results(
                 conn, study_uid=study_uid, include_superseded=include_superseded, limit=limit
             )
     finally:
         store.close()
+    if study_uid and study is None:
+        raise EdgeError(f"no study {study_uid}")
     if as_json:
         print(json.dumps([r.__dict__ for r in results], indent=2, default=str))
         return EXIT_OK
-    if not results:
+    if not results and study is not None:
+        print(
+            f"no results for study {study_uid} ({study.state.value}; "
+            "edge-agent studies show UID says why)"
+        )
+    elif not results:
         print("no results yet")
     for r in results:
         f = r.findings

@@ -32,11 +32,12 @@ def add_studies(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     sp.add_argument(
         "action",
         nargs="?",
-        choices=["list", "restore"],
+        choices=["list", "show", "restore"],
         default="list",
-        help="restore UID: bring an archived/cold study back to hot",
+        help="show UID: one study, its jobs (why one failed), results and sends to PACS; "
+        "restore UID: bring an archived/cold study back to hot",
     )
-    sp.add_argument("uid", nargs="?", help="study instance UID (restore)")
+    sp.add_argument("uid", nargs="?", help="study instance UID (show, restore)")
     sp.add_argument("--state", choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"])
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="restore: wait")
@@ -47,34 +48,41 @@ def add_studies(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _cmd_studies(args: argparse.Namespace) -> int:
     if args.action == "restore":
         return restore(load(args), args.uid, wait_s=args.wait)
+    if args.action == "show":
+        return detail(load(args), args.uid, as_json=args.json)
     return show(load(args), state=args.state, limit=args.limit, as_json=args.json)
 
 
 def show(cfg: Config, *, state: str | None = None, limit: int = 100, as_json: bool = False) -> int:
     """Print the newest ``limit`` studies (only those in ``state`` if given)."""
     from edge_agent.studies.models import StudyState
-    from edge_agent.studies.store import list_studies
+    from edge_agent.studies.store import count_studies, list_studies
 
     store = open_store(cfg)
     try:
         with store.read() as conn:
             studies = list_studies(conn, state=StudyState(state) if state else None, limit=limit)
+            total = count_studies(conn) if not studies else len(studies)
     finally:
         store.close()
     if as_json:
         print(json.dumps([s.__dict__ for s in studies], indent=2, default=str))
         return EXIT_OK
     if not studies:
-        print("no studies yet")
+        if state and total:
+            print(f"no study is {state} ({total} in other states)")
+        else:
+            print("no studies yet")
         return EXIT_OK
+    w = max(len("STUDY INSTANCE UID"), *(len(s.study_uid) for s in studies))  # never cut
     header = (
-        f"{'STUDY INSTANCE UID':<46} {'STATE':<10} {'MOD':<4} {'SER':>3} {'INST':>5} "
+        f"{'STUDY INSTANCE UID':<{w}} {'STATE':<10} {'MOD':<4} {'SER':>3} {'INST':>5} "
         f"{'LATE':>4} {'PATIENT ID':<12} {'LAST RECEIVED':<19}"
     )
     print(header)
     for s in studies:
         print(
-            f"{s.study_uid[:46]:<46} {s.state.value:<10} {s.modality[:4]:<4} "
+            f"{s.study_uid:<{w}} {s.state.value:<10} {s.modality[:4]:<4} "
             f"{s.series_count:>3} {s.instance_count:>5} {s.late_arrivals:>4} "
             f"{s.patient_id[:12]:<12} {fmt_time(s.last_received_at):<19}"
         )
@@ -108,4 +116,57 @@ def restore(cfg: Config, uid: str | None, *, wait_s: float = 0.0) -> int:
     if wait_s:
         print("not finished yet (is the agent running?); edge-agent storage status shows it")
         return EXIT_ERROR
+    return EXIT_OK
+
+
+def detail(cfg: Config, uid: str | None, *, as_json: bool = False) -> int:
+    """Print one study: its state, series, inference jobs (a failed job's model, version,
+    stage, error and time), current results and sends to PACS. Raises EdgeError (exit 1)
+    for an unknown UID."""
+    from edge_agent.web.queries import study_detail
+
+    if not uid:
+        raise EdgeError("studies show needs a study instance UID")
+    store = open_store(cfg)
+    try:
+        with store.read() as conn:
+            d = study_detail(conn, uid)
+    finally:
+        store.close()
+    if d is None:
+        raise EdgeError(f"no study {uid}")
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+        return EXIT_OK
+    print(
+        f"study {d['study_uid']}\n  {d['state']}, {d['modality']} {d['study_date']} "
+        f"{d['description']}, {d['instances']} instance(s) in {len(d['series'])} series, "
+        f"last received {fmt_time(d['received_at'])}"
+    )
+    if d["failures"]:
+        print("why it failed:")
+        for f in d["failures"]:
+            print(
+                f"  {f['model_name']} {f['model_version']} on series {f['series_uid']}: "
+                f"stage {f['stage'] or '-'} at {fmt_time(f['at'])} after {f['attempts']} "
+                f"attempt(s)\n    {f['error']}"
+            )
+    print("jobs:" if d["jobs"] else "jobs: none (no model applied, or not scheduled yet)")
+    for j in d["jobs"]:
+        err = f"\n    {j['error_stage'] or '-'}: {j['error']}" if j["error"] else ""
+        print(
+            f"  round {j['round']} {j['state']:<9} {j['model_name']} {j['model_version']} "
+            f"series {j['series_uid']} attempts {j['attempts']} "
+            f"finished {fmt_time(j['finished_at'])}{err}"
+        )
+    print("results:" if d["results"] else "results: none current")
+    for r in d["results"]:
+        flag = " CRITICAL" if r["critical"] else ""
+        print(f"  {r['result_id']} {r['model_name']} {r['model_version']}{flag}")
+    for f in d["forwards"]:
+        err = f"  last error: {f['last_error']}" if f["last_error"] else ""
+        print(
+            f"  sent {f['kind']} -> {f['destination']}: {f['state']} after "
+            f"{f['attempts']} attempt(s){err}"
+        )
     return EXIT_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from edge_agent.inference.models import Job, JobState
+from edge_agent.inference.models import Job, JobState, Stage
 from edge_agent.inference.shadow import Agreement
 from edge_agent.studies.models import StudyState
 from edge_agent.studies.store import transition
@@ -166,17 +166,20 @@ def fail_job(
     retry: bool,
     now: float,
     refund_attempt: bool = False,
+    stage: str | None = None,
 ) -> None:
     """FAILED with ``error``, or back to PENDING when ``retry`` (a transient failure).
-    ``refund_attempt``: the failure was not the job's doing (e.g. the outbox is full)."""
+    ``refund_attempt``: the failure was not the job's doing (e.g. the outbox is full).
+    ``stage``: where it failed (a :class:`~edge_agent.inference.models.Stage`)."""
     if refund_attempt:
         conn.execute(
             "UPDATE inference_jobs SET attempts = max(attempts - 1, 0) WHERE id = ?", (job.id,)
         )
     state = JobState.PENDING if retry else JobState.FAILED
     conn.execute(
-        "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
-        (state.value, None if retry else now, error[:2000], job.id),
+        "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ?, error_stage = ?, "
+        "error_at = ? WHERE id = ?",
+        (state.value, None if retry else now, error[:2000], stage, now, job.id),
     )
     if not retry:
         _maybe_finish_study(conn, job, now)
@@ -198,6 +201,7 @@ def recover_jobs(conn: sqlite3.Connection, *, max_attempts: int, now: float) -> 
                 retry=False,
                 now=now,
                 error=f"the runner crashed {job.attempts} times on this job",
+                stage=Stage.RUNNER,
             )
             failed += 1
         else:
@@ -315,3 +319,21 @@ def record_run(
         " error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (job_id, name, active_version, shadow_version, int(agree), score_, error, now),
     )
+
+
+# -- why jobs failed ------------------------------------------------------------------------
+
+
+def study_jobs(conn: sqlite3.Connection, study_uid: str) -> list[dict[str, object]]:
+    """Every inference job of a study, newest round first: id, series_uid, model_name,
+    model_version, state, round, attempts, created_at, started_at, finished_at, error,
+    error_stage, error_at (times in epoch seconds)."""
+    return [
+        dict(r)
+        for r in conn.execute(
+            "SELECT id, series_uid, model_name, model_version, state, round, attempts, "
+            "created_at, started_at, finished_at, error, error_stage, error_at "
+            "FROM inference_jobs WHERE study_uid = ? ORDER BY round DESC, id",
+            (study_uid,),
+        )
+    ]

@@ -423,6 +423,16 @@ MIGRATIONS: Sequence[Migration] = (
         );
         """,
     ),
+    Migration(
+        "0012_job_errors",
+        """
+        -- why a job failed: the stage it was in (read, preprocess, inference, postprocess,
+        -- encode, store, model) and when; kept on a retry too (the last attempt's)
+        ALTER TABLE inference_jobs ADD COLUMN error_stage TEXT;
+        ALTER TABLE inference_jobs ADD COLUMN error_at REAL;
+        UPDATE inference_jobs SET error_at = finished_at WHERE error IS NOT NULL;
+        """,
+    ),
 )
 
 

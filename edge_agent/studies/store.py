@@ -288,6 +288,11 @@ def list_studies(
     return [_study(r) for r in conn.execute(sql, (*params, limit))]
 
 
+def count_studies(conn: sqlite3.Connection) -> int:
+    """How many studies the store holds (any state)."""
+    return int(conn.execute("SELECT count(*) FROM studies").fetchone()[0])
+
+
 def get_study(conn: sqlite3.Connection, study_uid: str) -> Study | None:
     row = conn.execute(
         f"SELECT {_STUDY_COLUMNS} FROM studies s WHERE s.study_uid = ?",  # noqa: S608
