@@ -26,18 +26,22 @@ def add_studies(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         sub,
         "studies",
         "list studies with their state and counts",
-        "edge-agent studies --config /srv/edge/edge-agent.toml --state COMPLETE",
+        "edge-agent studies --config /srv/edge/edge-agent.toml --state FAILED\n"
+        "  edge-agent studies show 1.2.840.113619.2.55.3 --config /srv/edge/edge-agent.toml\n"
+        "  edge-agent studies rerun 1.2.840.113619.2.55.3 --model ct-lesion-seg",
     )
     config_arg(sp)
     sp.add_argument(
         "action",
         nargs="?",
-        choices=["list", "show", "restore"],
+        choices=["list", "show", "rerun", "restore"],
         default="list",
         help="show UID: one study, its jobs (why one failed), results and sends to PACS; "
+        "rerun UID [--model NAME]: run its inference again (new results supersede); "
         "restore UID: bring an archived/cold study back to hot",
     )
-    sp.add_argument("uid", nargs="?", help="study instance UID (show, restore)")
+    sp.add_argument("uid", nargs="?", help="study instance UID (show, rerun, restore)")
+    sp.add_argument("--model", help="rerun: only this model (default: every model that applies)")
     sp.add_argument("--state", choices=["RECEIVING", "COMPLETE", "INFERRING", "DONE", "FAILED"])
     sp.add_argument("--limit", type=int, default=100)
     sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="restore: wait")
@@ -50,6 +54,8 @@ def _cmd_studies(args: argparse.Namespace) -> int:
         return restore(load(args), args.uid, wait_s=args.wait)
     if args.action == "show":
         return detail(load(args), args.uid, as_json=args.json)
+    if args.action == "rerun":
+        return rerun(load(args), args.uid, model=args.model)
     return show(load(args), state=args.state, limit=args.limit, as_json=args.json)
 
 
@@ -86,6 +92,27 @@ def show(cfg: Config, *, state: str | None = None, limit: int = 100, as_json: bo
             f"{s.series_count:>3} {s.instance_count:>5} {s.late_arrivals:>4} "
             f"{s.patient_id[:12]:<12} {fmt_time(s.last_received_at):<19}"
         )
+    return EXIT_OK
+
+
+def rerun(cfg: Config, uid: str | None, *, model: str | None = None) -> int:
+    """Ask the running agent to run study ``uid``'s inference again (every model that
+    applies, or ``model`` only); audited. Raises EdgeError (exit 1) if it cannot."""
+    from edge_agent.actions.models import Actor
+    from edge_agent.actions.rerun import rerun as rerun_study
+
+    if not uid:
+        raise EdgeError("studies rerun needs a study instance UID")
+    store = open_store(cfg)
+    try:
+        round_ = rerun_study(store, uid, model=model, actor=Actor.cli(), now=time.time())
+    finally:
+        store.close()
+    what = f"model {model}" if model else "every model that applies"
+    print(
+        f"re-run of {uid} ({what}) requested as round {round_}; the running agent schedules "
+        "it, and edge-agent studies show UID follows it"
+    )
     return EXIT_OK
 
 

@@ -166,12 +166,12 @@ class InferenceWorker:
         # so a package damaged on disk gives FAILED jobs with the reason, not silence.
         active = [(m, m.manifest()) for m in self._registry.active()]
         done = 0
-        for study_uid, round_ in waiting:
+        for study_uid, round_, only in waiting:
             jobs = [
                 (facts.series_uid, m.name, m.version)
                 for facts in self._facts(study_uid)
                 for m, manifest in active
-                if matches(manifest.routing, facts)
+                if matches(manifest.routing, facts) and only in (None, m.name)
             ]
             if self._store.writer.call(
                 partial(

@@ -433,6 +433,14 @@ MIGRATIONS: Sequence[Migration] = (
         UPDATE inference_jobs SET error_at = finished_at WHERE error IS NOT NULL;
         """,
     ),
+    Migration(
+        "0013_rerun",
+        """
+        -- a re-run a person asked for: the study is COMPLETE again in a new round
+        -- (reopen_count + 1); set = only this model's jobs are scheduled
+        ALTER TABLE studies ADD COLUMN rerun_model TEXT;
+        """,
+    ),
 )
 
 

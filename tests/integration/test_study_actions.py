@@ -110,3 +110,89 @@ def test_why_a_study_failed_in_the_api_the_page_and_the_cli(
         assert "Why it failed" in page and "PackageError" in page
 
     _run(app, body)
+
+
+def _done_study(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path], seed: str
+) -> tuple[Any, Any]:
+    """An agent with the segmenter and the classifier, and a CT study they both ran on."""
+    app = app_factory(make_config(tmp_path))
+    app.registry.install(ref_models[SEG_NAME])
+    app.registry.install(ref_models[CLS_NAME])
+    ct = make_study(tmp_path / "ct", modality="CT", slices=3, size=64, seed=seed)
+    assert storescu(app.listener.port, *ct.files).returncode == 0
+    clock.advance(11)
+    app.assembly.tick()
+    assert app.inference.drain() == 2
+    assert _state(app, ct.study_uid) == "DONE"
+    _users(app, clock)
+    return app, ct
+
+
+def _current(app: Any, uid: str) -> dict[str, str]:
+    return {
+        str(r[0]): str(r[1])
+        for r in app.store.query(
+            "SELECT model_name, result_id FROM results WHERE study_uid = ? "
+            "AND superseded_by IS NULL",
+            (uid,),
+        )
+    }
+
+
+def test_rerun_one_model_or_all_supersedes_and_is_audited(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app, ct = _done_study(app_factory, tmp_path, clock, ref_models, "rerun")
+    first = _current(app, ct.study_uid)
+    assert set(first) == {SEG_NAME, CLS_NAME}
+
+    # the CLI re-runs one model: one new job, its result supersedes; the other one stays
+    assert studies_cli.rerun(app.cfg, ct.study_uid, model=SEG_NAME) == 0
+    assert _state(app, ct.study_uid) == "COMPLETE"
+    assert app.inference.drain() == 1
+    assert _state(app, ct.study_uid) == "DONE"
+    second = _current(app, ct.study_uid)
+    assert second[CLS_NAME] == first[CLS_NAME] and second[SEG_NAME] != first[SEG_NAME]
+    (old,) = app.store.query(
+        "SELECT superseded_by FROM results WHERE result_id = ?", (first[SEG_NAME],)
+    )
+    assert old[0] == second[SEG_NAME]
+    rounds = app.store.query(
+        "SELECT round, model_name, state FROM inference_jobs WHERE study_uid = ? ORDER BY id",
+        (ct.study_uid,),
+    )
+    assert [tuple(r) for r in rounds][-1] == (1, SEG_NAME, "DONE")  # the history stays
+    with pytest.raises(EdgeError, match="no active version"):
+        studies_cli.rerun(app.cfg, ct.study_uid, model="no-such-model")
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        csrf = await _login(client, "rad")
+        url = f"/api/v1/studies/{ct.study_uid}/rerun"
+        assert (await client.post(url, json={})).status == 403  # no CSRF token
+        r = await client.post(url, json={"model": "nope"}, headers={"X-CSRF-Token": csrf})
+        assert r.status == 400 and "no active version" in await r.text()
+        r = await client.post(url, json={}, headers={"X-CSRF-Token": csrf})
+        assert r.status == 202, await r.text()
+        assert json.loads(await r.text())["round"] == 2
+        # while it waits or runs, a second re-run is refused (its results are coming)
+        r = await client.post(url, json={}, headers={"X-CSRF-Token": csrf})
+        assert r.status == 409 and json.loads(await r.text())["error"]["code"] == "busy"
+        r = await client.post("/api/v1/studies/1.2.3.999/rerun", headers={"X-CSRF-Token": csrf})
+        assert r.status == 404
+        page = await (await client.get(f"/studies/{ct.study_uid}")).text()
+        assert 'id="rerun"' in page
+
+    _run(app, body)
+    assert app.inference.drain() == 2
+    third = _current(app, ct.study_uid)
+    assert all(third[m] != second[m] for m in (SEG_NAME, CLS_NAME))
+    audit = app.store.query(
+        "SELECT username, detail, remote FROM audit_log WHERE action = 'study.rerun' "
+        "AND target = ? ORDER BY id",
+        (ct.study_uid,),
+    )
+    assert [(r[0].split(":")[0], r[1]) for r in audit] == [
+        ("cli", f"model {SEG_NAME}"),
+        ("rad", "every model that applies"),
+    ]
