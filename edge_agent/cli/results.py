@@ -87,7 +87,10 @@ def show(
         return EXIT_OK
     if not results:
         if study is not None:
-            print(f"no results for study {study_uid} yet (state {study.state.value})")
+            print(
+                f"no results for study {study_uid} yet ({study.state.value}; "
+                "edge-agent studies show UID says why)"
+            )
         else:
             print("no results yet")
     for r in results:

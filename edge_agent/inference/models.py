@@ -25,6 +25,19 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
 }
 
 
+class Stage(StrEnum):
+    """Where a job failed (recorded with its error)."""
+
+    MODEL = "model"  # the package: not installed, damaged, refused by the runtime
+    READ = "read"  # reading the series' instances from their tier
+    PREPROCESS = "preprocess"
+    INFERENCE = "inference"
+    POSTPROCESS = "postprocess"
+    ENCODE = "encode"  # building the SEG / SR objects
+    STORE = "store"  # committing the result
+    RUNNER = "runner"  # the process running it crashed
+
+
 @dataclass(frozen=True, kw_only=True)
 class Job:
     id: int

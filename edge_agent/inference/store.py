@@ -5,21 +5,65 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from edge_agent.inference.models import Job, JobState
+from edge_agent.errors import Conflict, InvalidRequest, NotFound
+from edge_agent.inference.models import Job, JobState, Stage
 from edge_agent.inference.shadow import Agreement
 from edge_agent.studies.models import StudyState
 from edge_agent.studies.store import transition
 
 
-def complete_studies(conn: sqlite3.Connection) -> list[tuple[str, int]]:
-    """(study_uid, reopen_count) of studies waiting in COMPLETE."""
+def complete_studies(conn: sqlite3.Connection) -> list[tuple[str, int, str | None]]:
+    """(study_uid, reopen_count, rerun_model) of studies waiting in COMPLETE (rerun_model:
+    a re-run of that model only was asked for)."""
     return [
-        (r[0], int(r[1]))
+        (r[0], int(r[1]), r[2])
         for r in conn.execute(
-            "SELECT study_uid, reopen_count FROM studies WHERE state = ? ORDER BY completed_at",
+            "SELECT study_uid, reopen_count, rerun_model FROM studies WHERE state = ? "
+            "ORDER BY completed_at",
             (StudyState.COMPLETE.value,),
         )
     ]
+
+
+def request_rerun(
+    conn: sqlite3.Connection, *, study_uid: str, model: str | None, now: float, by: str
+) -> int:
+    """A person asks for a study to run again (every model that applies, or ``model`` only):
+    DONE or FAILED -> COMPLETE in a new round, so the scheduler routes it again with the
+    active versions and each new result supersedes the one of its series and model; the
+    earlier rounds' jobs stay as they were (history). Returns the new round.
+
+    Raises NotFound (no such study), Conflict ``busy`` (it is receiving or running: its
+    results are coming anyway), InvalidRequest (``model`` has no active version)."""
+    row = conn.execute(
+        "SELECT state, reopen_count FROM studies WHERE study_uid = ?", (study_uid,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no study {study_uid}")
+    state = StudyState(row[0])
+    if state not in (StudyState.DONE, StudyState.FAILED):
+        raise Conflict(
+            "busy", f"the study is {state.value}: a re-run can start once it is DONE or FAILED"
+        )
+    if model is not None and not active_version(conn, model):
+        raise InvalidRequest(f"model {model} has no active version here")
+    conn.execute(
+        "UPDATE studies SET reopen_count = reopen_count + 1, rerun_model = ? WHERE study_uid = ?",
+        (model, study_uid),
+    )
+    what = f"model {model}" if model else "every model that applies"
+    transition(
+        conn, study_uid, state, StudyState.COMPLETE, now=now, reason=f"re-run of {what} by {by}"
+    )
+    return int(row[1]) + 1
+
+
+def active_version(conn: sqlite3.Connection, name: str) -> str | None:
+    """The active version of model ``name``, None if it has none."""
+    row = conn.execute(
+        "SELECT version FROM model_versions WHERE name = ? AND active = 1", (name,)
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def schedule_study(
@@ -37,6 +81,7 @@ def schedule_study(
     ).fetchone()
     if row is None or row[0] != StudyState.COMPLETE.value or int(row[1]) != round_:
         return False
+    conn.execute("UPDATE studies SET rerun_model = NULL WHERE study_uid = ?", (study_uid,))
     if not jobs:
         transition(
             conn,
@@ -166,17 +211,20 @@ def fail_job(
     retry: bool,
     now: float,
     refund_attempt: bool = False,
+    stage: str | None = None,
 ) -> None:
     """FAILED with ``error``, or back to PENDING when ``retry`` (a transient failure).
-    ``refund_attempt``: the failure was not the job's doing (e.g. the outbox is full)."""
+    ``refund_attempt``: the failure was not the job's doing (e.g. the outbox is full).
+    ``stage``: where it failed (a :class:`~edge_agent.inference.models.Stage`)."""
     if refund_attempt:
         conn.execute(
             "UPDATE inference_jobs SET attempts = max(attempts - 1, 0) WHERE id = ?", (job.id,)
         )
     state = JobState.PENDING if retry else JobState.FAILED
     conn.execute(
-        "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
-        (state.value, None if retry else now, error[:2000], job.id),
+        "UPDATE inference_jobs SET state = ?, finished_at = ?, error = ?, error_stage = ?, "
+        "error_at = ? WHERE id = ?",
+        (state.value, None if retry else now, error[:2000], stage, now, job.id),
     )
     if not retry:
         _maybe_finish_study(conn, job, now)
@@ -198,6 +246,7 @@ def recover_jobs(conn: sqlite3.Connection, *, max_attempts: int, now: float) -> 
                 retry=False,
                 now=now,
                 error=f"the runner crashed {job.attempts} times on this job",
+                stage=Stage.RUNNER,
             )
             failed += 1
         else:
@@ -315,3 +364,21 @@ def record_run(
         " error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (job_id, name, active_version, shadow_version, int(agree), score_, error, now),
     )
+
+
+# -- why jobs failed ------------------------------------------------------------------------
+
+
+def study_jobs(conn: sqlite3.Connection, study_uid: str) -> list[dict[str, object]]:
+    """Every inference job of a study, newest round first: id, series_uid, model_name,
+    model_version, state, round, attempts, created_at, started_at, finished_at, error,
+    error_stage, error_at (times in epoch seconds)."""
+    return [
+        dict(r)
+        for r in conn.execute(
+            "SELECT id, series_uid, model_name, model_version, state, round, attempts, "
+            "created_at, started_at, finished_at, error, error_stage, error_at "
+            "FROM inference_jobs WHERE study_uid = ? ORDER BY round DESC, id",
+            (study_uid,),
+        )
+    ]

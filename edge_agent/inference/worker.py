@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from pydicom.dataset import Dataset
 from edge_agent.clock import Clock
 from edge_agent.config import Config
 from edge_agent.errors import OutOfResources, PermanentError, UntrustedError
-from edge_agent.inference.models import Job
+from edge_agent.inference.models import Job, Stage
 from edge_agent.inference.postprocess import classification_findings, segmentation_findings
 from edge_agent.inference.preprocess import frames, preprocess_frame
 from edge_agent.inference.registry import InstalledModel, Registry, RegistryError
@@ -61,6 +62,13 @@ from hub_protocol import HybridClock
 log = logging.getLogger(__name__)
 
 CPU_DEVICE = -1
+
+
+@dataclass
+class Progress:
+    """Where a running job is (read by the caller when it fails)."""
+
+    stage: Stage = Stage.MODEL
 
 
 class InferenceWorker:
@@ -159,12 +167,12 @@ class InferenceWorker:
         # so a package damaged on disk gives FAILED jobs with the reason, not silence.
         active = [(m, m.manifest()) for m in self._registry.active()]
         done = 0
-        for study_uid, round_ in waiting:
+        for study_uid, round_, only in waiting:
             jobs = [
                 (facts.series_uid, m.name, m.version)
                 for facts in self._facts(study_uid)
                 for m, manifest in active
-                if matches(manifest.routing, facts)
+                if matches(manifest.routing, facts) and only in (None, m.name)
             ]
             if self._store.writer.call(
                 partial(
@@ -216,10 +224,13 @@ class InferenceWorker:
         return sorted(dss, key=order)
 
     def execute(
-        self, job: Job, device: int
+        self, job: Job, device: int, progress: Progress | None = None
     ) -> tuple[Result, list[ResultObject], tuple[list[np.ndarray], np.ndarray]]:
-        """Run one claimed job; raises on failure (classified by the caller). Also returns
-        the model's (inputs, output), for a shadow version to be compared against."""
+        """Run one claimed job; raises on failure (classified by the caller), with
+        ``progress.stage`` saying where. Also returns the model's (inputs, output), for a
+        shadow version to be compared against."""
+        p = progress or Progress()
+        p.stage = Stage.MODEL
         model = self._registry.get(job.model_name, job.model_version)
         if model is None:
             raise RegistryError(f"{job.model_name} {job.model_version} is no longer installed")
@@ -228,13 +239,18 @@ class InferenceWorker:
         t0 = time.perf_counter()
         dss: list[Dataset] = []
         items: list[np.ndarray] = []
-        for ds in self._load_series(job.series_uid):
+        p.stage = Stage.READ
+        series = self._load_series(job.series_uid)
+        p.stage = Stage.PREPROCESS
+        for ds in series:
             for frame in frames(ds):
                 dss.append(ds)
                 items.append(preprocess_frame(ds, frame, manifest.preprocessing))
         t1 = time.perf_counter()
+        p.stage = Stage.INFERENCE
         out, _ = runner.infer(items)
         t2 = time.perf_counter()
+        p.stage = Stage.POSTPROCESS
         if manifest.task == "segmentation":
             f = segmentation_findings(manifest, dss, items, out)
         else:
@@ -258,6 +274,7 @@ class InferenceWorker:
             created_at=now,
         )
         objects: list[ResultObject] = []
+        p.stage = Stage.ENCODE
         if self._cfg.results.dicom_outputs:
             data_dir = Path(self._cfg.storage.data_dir)
             single = len({id(d) for d in dss}) == len(dss)  # no multi-frame sources
@@ -349,14 +366,18 @@ class InferenceWorker:
         if job is None:
             return False
         started = time.perf_counter()
+        progress = Progress()
         try:
-            result, objects, (items, out) = self.execute(job, device)
+            result, objects, (items, out) = self.execute(job, device, progress)
         except (PermanentError, UntrustedError) as exc:
-            self._fail(job, f"{type(exc).__name__}: {exc}", retry=False)
+            self._fail(job, f"{type(exc).__name__}: {exc}", retry=False, stage=progress.stage)
         except Exception as exc:  # anything else may be transient: retry up to the limit
             retry = job.attempts < self._inf.max_attempts
-            log.exception("inference job failed", extra={"job_id": job.id, "retry": retry})
-            self._fail(job, f"{type(exc).__name__}: {exc}", retry=retry)
+            log.exception(
+                "inference job failed",
+                extra={"job_id": job.id, "retry": retry, "stage": progress.stage.value},
+            )
+            self._fail(job, f"{type(exc).__name__}: {exc}", retry=retry, stage=progress.stage)
         else:
             try:
                 self._finish(job, result, objects)
@@ -374,6 +395,7 @@ class InferenceWorker:
                         retry=True,
                         now=self._clock.now(),
                         refund_attempt=True,
+                        stage=Stage.STORE,
                     )
                 )
                 return False
@@ -419,15 +441,20 @@ class InferenceWorker:
 
         self._store.writer.call(tx)
 
-    def _fail(self, job: Job, error: str, *, retry: bool) -> None:
+    def _fail(self, job: Job, error: str, *, retry: bool, stage: Stage) -> None:
         self._store.writer.call(
-            partial(fail_job, job=job, error=error, retry=retry, now=self._clock.now())
+            partial(fail_job, job=job, error=error, retry=retry, now=self._clock.now(), stage=stage)
         )
         self._metrics.inference_jobs.labels(job.model_name, "retry" if retry else "failed").inc()
         if not retry:
             log.error(
                 "inference job FAILED",
-                extra={"job_id": job.id, "error": error, "study_uid": job.study_uid},
+                extra={
+                    "job_id": job.id,
+                    "error": error,
+                    "stage": stage.value,
+                    "study_uid": job.study_uid,
+                },
             )
 
     def drain(self) -> int:

@@ -153,3 +153,19 @@ def list_forwards(
     sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
     params = (state, limit) if state else (limit,)
     return list(conn.execute(sql, params))
+
+
+def study_forwards(conn: sqlite3.Connection, study_uid: str) -> list[dict[str, object]]:
+    """The sends to PACS of a study's result objects (current and superseded results), newest
+    first: id, result_id, kind, destination, state, attempts, last_error, next_attempt_at,
+    created_at, sent_at."""
+    return [
+        dict(r)
+        for r in conn.execute(
+            "SELECT f.id, f.result_id, f.kind, f.destination, f.state, f.attempts, "
+            "f.last_error, f.next_attempt_at, f.created_at, f.sent_at FROM forwards f "
+            "JOIN results r USING (result_id) WHERE r.study_uid = ? "
+            "ORDER BY f.created_at DESC, f.id DESC",
+            (study_uid,),
+        )
+    ]

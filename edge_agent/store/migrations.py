@@ -423,6 +423,24 @@ MIGRATIONS: Sequence[Migration] = (
         );
         """,
     ),
+    Migration(
+        "0012_job_errors",
+        """
+        -- why a job failed: the stage it was in (read, preprocess, inference, postprocess,
+        -- encode, store, model) and when; kept on a retry too (the last attempt's)
+        ALTER TABLE inference_jobs ADD COLUMN error_stage TEXT;
+        ALTER TABLE inference_jobs ADD COLUMN error_at REAL;
+        UPDATE inference_jobs SET error_at = finished_at WHERE error IS NOT NULL;
+        """,
+    ),
+    Migration(
+        "0013_rerun",
+        """
+        -- a re-run a person asked for: the study is COMPLETE again in a new round
+        -- (reopen_count + 1); set = only this model's jobs are scheduled
+        ALTER TABLE studies ADD COLUMN rerun_model TEXT;
+        """,
+    ),
 )
 
 

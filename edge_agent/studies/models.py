@@ -30,10 +30,11 @@ TRANSITIONS: Mapping[StudyState, frozenset[StudyState]] = {
     StudyState.RECEIVING: frozenset({StudyState.COMPLETE}),
     StudyState.COMPLETE: frozenset({StudyState.RECEIVING, StudyState.INFERRING}),
     StudyState.INFERRING: frozenset({StudyState.RECEIVING, StudyState.DONE, StudyState.FAILED}),
-    StudyState.DONE: frozenset({StudyState.RECEIVING}),
+    # DONE/FAILED -> COMPLETE: a person asked for a re-run (a new round, scheduled again)
+    StudyState.DONE: frozenset({StudyState.RECEIVING, StudyState.COMPLETE}),
     # FAILED -> INFERRING: its failed series re-run on the previous version of a model that
     # was rolled back automatically
-    StudyState.FAILED: frozenset({StudyState.RECEIVING, StudyState.INFERRING}),
+    StudyState.FAILED: frozenset({StudyState.RECEIVING, StudyState.INFERRING, StudyState.COMPLETE}),
 }
 
 

@@ -15,12 +15,13 @@ import pydicom
 from aiohttp import web
 
 from edge_agent import status
+from edge_agent.actions.rerun import rerun
 from edge_agent.results import reviews
 from edge_agent.results.reviews import check_decision
 from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
 from edge_agent.web import queries
 from edge_agent.web.accounts import AccountError
-from edge_agent.web.http import DEPS, USER, ApiError, WebDeps, audit, require
+from edge_agent.web.http import DEPS, USER, ApiError, WebDeps, actor, audit, require
 from edge_agent.web.images import PRESETS, render, seg_mask
 from edge_agent.web.report import pdf as report_pdf
 
@@ -277,6 +278,29 @@ async def restore_study(request: web.Request) -> web.Response:
     return web.json_response({"study_uid": uid, "restore": "requested"}, status=202)
 
 
+async def _optional_body(request: web.Request) -> dict[str, Any]:
+    """The JSON body, or {} when there is none."""
+    return await _body(request) if request.body_exists else {}
+
+
+@require("radiologist", "operator")
+async def rerun_study(request: web.Request) -> web.Response:
+    """Run a study's inference again: every model that applies, or ``model`` only; each
+    new result supersedes the previous one (audited)."""
+    uid = _uid(request, "study_uid")
+    body = await _optional_body(request)
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 64):
+        raise ApiError(400, "bad_request", "model must be a model name (1..64 characters)")
+    deps = request.app[DEPS]
+    round_ = await asyncio.to_thread(
+        rerun, deps.store, uid, model=model, actor=actor(request), now=deps.clock.now()
+    )
+    return web.json_response(
+        {"study_uid": uid, "rerun": "requested", "model": model, "round": round_}, status=202
+    )
+
+
 # -- conflicts (the hub's manual-review queue for this site) --------------------------------
 
 
@@ -454,6 +478,7 @@ ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("GET", "/api/v1/studies", list_studies),
     ("GET", "/api/v1/studies/{study_uid}", get_study),
     ("POST", "/api/v1/studies/{study_uid}/restore", restore_study),
+    ("POST", "/api/v1/studies/{study_uid}/rerun", rerun_study),
     ("GET", "/api/v1/studies/{study_uid}/priors", study_priors),
     ("GET", "/api/v1/studies/{study_uid}/report.pdf", study_report_pdf),
     ("GET", "/api/v1/series/{series_uid}/image", series_image),

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from edge_agent.actions.models import Actor
 from edge_agent.clock import Clock
 from edge_agent.config import WebConfig
 from edge_agent.errors import Conflict, EdgeError, InvalidRequest, NotFound
@@ -71,6 +72,16 @@ class ApiError(Exception):
 
 def remote(request: web.Request) -> str:
     return request.remote or "?"
+
+
+def actor(request: web.Request) -> Actor:
+    """Who is asking, as a study action audits it."""
+    user = request.get(USER)
+    return Actor(
+        username=user.username if user else "-",
+        remote=remote(request),
+        request_id=request[REQUEST_ID],
+    )
 
 
 async def audit(request: web.Request, action: str, target: str, detail: str = "") -> None:

@@ -69,6 +69,18 @@ OPERATIONS: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any], Any, in
         202,
         "application/json",
     ),
+    ("POST", "/api/v1/studies/{study_uid}/rerun"): (
+        "Run a study's inference again (every model that applies, or one); each new result "
+        "supersedes the previous one; audited. 409 while the study is receiving or running",
+        ("radiologist", "operator"),
+        [_p("study_uid", _UID)],
+        {
+            "type": "object",
+            "properties": {"model": {"type": "string", "maxLength": 64}},
+        },
+        202,
+        "application/json",
+    ),
     ("GET", "/api/v1/studies/{study_uid}/priors"): (
         "The patient's studies with their segmentation measurements, oldest first",
         ("radiologist",),

@@ -7,7 +7,9 @@ import json
 import sqlite3
 from typing import Any
 
+from edge_agent.inference.store import study_jobs
 from edge_agent.results.reviews import finding_names
+from edge_agent.results.store import study_forwards
 
 # -- worklist -------------------------------------------------------------------------------
 
@@ -153,7 +155,21 @@ def study_detail(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | N
         "instances": s["instance_count"],
         "series": series,
         "results": results,
+        "jobs": study_jobs(conn, study_uid),
+        "failures": failures(conn, study_uid, s["reopen_count"]),
+        "forwards": study_forwards(conn, study_uid),
     }
+
+
+def failures(conn: sqlite3.Connection, study_uid: str, round_: int) -> list[dict[str, Any]]:
+    """Why the study's current round failed: its FAILED jobs (model, version, stage, error,
+    when), empty when none did."""
+    return [
+        {k: j[k] for k in ("id", "series_uid", "model_name", "model_version", "attempts")}
+        | {"stage": j["error_stage"] or "", "error": j["error"] or "", "at": j["error_at"]}
+        for j in study_jobs(conn, study_uid)
+        if j["state"] == "FAILED" and j["round"] == round_
+    ]
 
 
 def series_slices(conn: sqlite3.Connection, series_uid: str) -> list[tuple[str, str, str]]:

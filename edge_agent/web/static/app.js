@@ -108,6 +108,7 @@ function startStudy() {
         () => send("comment", f.querySelector(".comment").value));
     }
   }
+  startActions();
   for (const b of document.querySelectorAll("button.restore")) {
     b.addEventListener("click", async () => {
       await api("POST", "/api/v1/studies/" + b.dataset.study + "/restore");
@@ -115,6 +116,30 @@ function startStudy() {
       b.disabled = true;
     });
   }
+}
+
+function startActions() {
+  const box = document.getElementById("actions");
+  if (!box) return;
+  const uid = box.dataset.study, status = document.getElementById("action-status");
+  const url = "/api/v1/studies/" + encodeURIComponent(uid);
+  // after a re-run: reload once the study is at rest again, to show the new results
+  async function follow() {
+    try {
+      const s = await api("GET", url);
+      if (s.state === "DONE" || s.state === "FAILED") { location.reload(); return; }
+      status.textContent = "Re-run: " + s.state;
+    } catch (e) { status.textContent = "Re-run: " + e.message; }
+    setTimeout(follow, 1500);
+  }
+  document.getElementById("rerun").addEventListener("click", async () => {
+    const model = document.getElementById("rerun-model").value;
+    try {
+      const r = await api("POST", url + "/rerun", model ? { model } : {});
+      status.textContent = "Re-run requested (round " + r.round + ")";
+      setTimeout(follow, 1500);
+    } catch (e) { status.textContent = "Not re-run: " + e.message; }
+  });
 }
 
 async function startConflicts() {
