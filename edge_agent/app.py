@@ -37,6 +37,7 @@ from edge_agent.studies.ingest import Ingestor
 from edge_agent.studies.worker import AssemblyWorker
 from edge_agent.sync.model_updates import ModelUpdater, WatchSettings
 from edge_agent.sync.uplink import Uplink, UplinkSettings
+from edge_agent.times import SiteTime
 from edge_agent.web.app import WebDeps
 from edge_agent.web.app import create_app as create_web_app
 from hub_protocol.releases import key_id, load_public_key
@@ -262,6 +263,7 @@ class EdgeApp:
             web=self.cfg.web,
             data_dir=Path(self.cfg.storage.data_dir),
             site=self.cfg.dicom.ae_title,
+            times=SiteTime.named(self.cfg.site.time_zone),
             store=self.store,
             accounts=self.accounts,
             clock=self.clock,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 from edge_agent.errors import ConfigError
+from edge_agent.times import check_zone_name
 
 ENV_PREFIX = "EDGE_"
 MAX_PDU_BYTES = 16 * 2**20  # the largest PDU the listener will ever announce or buffer
@@ -358,6 +359,23 @@ class StudiesConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SiteConfig:
+    """This site as people see it.
+
+    ``time_zone``: the IANA zone (``Europe/Warsaw``, ``UTC``) every time is shown in, with
+    its name beside it: worklist, study page, reports, CLI. Empty = this machine's zone.
+    Stored times stay UTC; only what is shown changes.
+    """
+
+    time_zone: str = ""
+
+    def check(self) -> None:
+        problem = check_zone_name(self.time_zone)
+        if problem:
+            raise ConfigError("site.time_zone", problem)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     """``level``: DEBUG|INFO|WARNING|ERROR. ``json``: one JSON object per line (default)."""
 
@@ -616,6 +634,7 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
 
     def models_dir(self) -> Path:
         p = Path(self.inference.models_dir)

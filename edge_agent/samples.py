@@ -44,9 +44,11 @@ def make_study(
     seed: str = "demo",
     patient_id: str = "DEMO001",
     patient_name: str = "DEMO^PATIENT",
+    study_date: str = "20261125",
     expected_instances: int | None = None,
 ) -> SampleStudy:
-    """Write one single-series study of ``slices`` images (``size`` x ``size``) to ``out_dir``."""
+    """Write one single-series study of ``slices`` images (``size`` x ``size``) to ``out_dir``.
+    A ``patient_name`` outside Latin-1 is written in UTF-8 (ISO_IR 192)."""
     modality = modality.upper()
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = seeded_uid(seed, "study")
@@ -54,6 +56,11 @@ def make_study(
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big"))
     files = []
+    try:
+        patient_name.encode("latin-1")
+        charset = "ISO_IR 100"
+    except UnicodeEncodeError:
+        charset = "ISO_IR 192"
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = (size - 1) / 2.0
     r2 = (xx - c) ** 2 + (yy - c) ** 2
@@ -73,10 +80,10 @@ def make_study(
             pixels = np.clip(img, 0, 4095).astype(np.uint16)
         sop_uid = seeded_uid(seed, "instance", i)
         ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SpecificCharacterSet = charset
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = UID(sop_uid)
-        ds.StudyDate = "20261125"
+        ds.StudyDate = study_date
         ds.StudyTime = "120000"
         ds.AccessionNumber = f"ACC{seed[:10]}"
         ds.Modality = modality

@@ -258,8 +258,10 @@ async def study_report_pdf(request: web.Request) -> web.Response:
     """The study's AI report as PDF (same content as the SR, with review status)."""
     detail = await load_study(request)
     uid = detail["study_uid"]
-    site = request.app[DEPS].site
-    body = await asyncio.to_thread(report_pdf, detail, site=site)
+    deps = request.app[DEPS]
+    body = await asyncio.to_thread(
+        report_pdf, detail, site=deps.site, times=deps.times, now=deps.clock.now()
+    )
     await audit(request, "report.view", uid, "pdf")
     return web.Response(
         body=body,

@@ -23,6 +23,7 @@ from edge_agent.config import WebConfig
 from edge_agent.errors import Conflict, EdgeError, InvalidRequest, NotFound
 from edge_agent.store import Store
 from edge_agent.sync.client import HttpHubClient
+from edge_agent.times import SiteTime
 from edge_agent.web.accounts import Accounts, Session, User
 from hub_protocol import HybridClock
 
@@ -41,6 +42,7 @@ class WebDeps:
     web: WebConfig
     data_dir: Path  # the storage root that result object paths are relative to
     site: str  # this site's name on reports (its AE title)
+    times: SiteTime  # the site time zone every time on a page or report is shown in
     store: Store
     accounts: Accounts
     clock: Clock

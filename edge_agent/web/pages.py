@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import re
 from typing import Any
 
 from aiohttp import web
 from markupsafe import Markup
 
+from edge_agent.times import dicom_date, person_name
 from edge_agent.web.accounts import AuthFailed, LoginThrottled
 from edge_agent.web.api import load_study, node_status_data
 from edge_agent.web.http import (
@@ -26,7 +26,15 @@ from edge_agent.web.http import (
 )
 from edge_agent.web.images import PRESETS
 from edge_agent.web.queries import priors
-from edge_agent.web.report import NOTICE, measurements, priors_svg, review_status
+from edge_agent.web.report import (
+    NOTICE,
+    header_rows,
+    measurements,
+    priors_svg,
+    result_modality,
+    review_comments,
+    review_status,
+)
 
 
 def _page(request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
@@ -37,17 +45,14 @@ def _page(request: web.Request, template: str, status: int = 200, **ctx: Any) ->
         .render(
             user=request.get(USER),
             csrf_token=session.csrf_token if session else "",
-            fmt_time=_fmt_time,
+            fmt_time=request.app[DEPS].times.stamp,
+            fmt_name=person_name,
+            fmt_date=dicom_date,
+            time_zone=request.app[DEPS].times.name,
             **ctx,
         )
     )
     return web.Response(text=html, content_type="text/html", status=status)
-
-
-def _fmt_time(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 #: A local path (and query) with only URL-safe characters: no scheme, no //host, no
@@ -140,6 +145,7 @@ async def study(request: web.Request) -> web.Response:
     uid, deps = detail["study_uid"], request.app[DEPS]
     await audit(request, "study.view", uid, "page")
     overlay_series = {r["series_uid"] for r in detail["results"] if r["task"] == "segmentation"}
+    meas = {r["result_id"]: measurements(r, result_modality(detail, r)) for r in detail["results"]}
     points = await asyncio.to_thread(_priors, deps, uid)
     charts = []
     for title, key in (
@@ -155,6 +161,7 @@ async def study(request: web.Request) -> web.Response:
         s=detail,
         presets=list(PRESETS),
         overlay_series=overlay_series,
+        measurements=meas,
         priors=points,
         charts=charts,
     )
@@ -169,8 +176,25 @@ def _priors(deps: Any, uid: str) -> list[dict[str, Any]]:
 async def report(request: web.Request) -> web.Response:
     detail = await load_study(request)
     await audit(request, "report.view", detail["study_uid"], "html")
-    rows = [(r, measurements(r), review_status(r)) for r in detail["results"]]
-    return _page(request, "report.html", s=detail, rows=rows, notice=NOTICE)
+    times = request.app[DEPS].times
+    rows = [
+        (
+            r,
+            measurements(r, result_modality(detail, r)),
+            review_status(r, times),
+            review_comments(r, times),
+        )
+        for r in detail["results"]
+    ]
+    return _page(
+        request,
+        "report.html",
+        s=detail,
+        head=header_rows(detail, times),
+        rows=rows,
+        notice=NOTICE,
+        generated=times.stamp(request.app[DEPS].clock.now()),
+    )
 
 
 @require("radiologist", "operator")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,18 @@ PASSWORD = "correct horse battery staple"
 PUBLIC = {"/healthz", "/readyz"}
 
 
-def _agent(app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]) -> Any:
-    app = app_factory(make_config(tmp_path, web={"lockout_attempts": 3, "lockout_s": 600.0}))
+def _agent(
+    app_factory: Any,
+    tmp_path: Path,
+    clock: Any,
+    ref_models: dict[str, Path],
+    *,
+    patient_name: str = "DOE^JANE",
+    **sections: dict[str, Any],
+) -> Any:
+    app = app_factory(
+        make_config(tmp_path, web={"lockout_attempts": 3, "lockout_s": 600.0}, **sections)
+    )
     app.registry.install(ref_models[SEG_NAME])
     s = make_study(
         tmp_path / "ct",
@@ -37,7 +48,7 @@ def _agent(app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, P
         size=128,
         seed="web",
         patient_id="WEB-1",
-        patient_name="DOE^JANE",
+        patient_name=patient_name,
     )
     assert storescu(app.listener.port, *s.files).returncode == 0
     clock.advance(11)
@@ -531,3 +542,71 @@ def test_login_throttle_per_address_answers_429_and_is_audited(
         ("login.throttled", "rad"),
         ("login", "rad"),
     ]
+
+
+def test_pdf_report_has_the_unicode_name_units_reviews_and_page_numbers(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    import io
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from pypdf import PdfReader
+
+    app = _agent(
+        app_factory,
+        tmp_path,
+        clock,
+        ref_models,
+        patient_name="Żółkiewski^Łukasz",
+        site={"time_zone": "Europe/Warsaw"},
+    )
+    uid = app.study_uid
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        csrf = await _login(client, "rad")
+        (result,) = (await _json(await client.get(f"/api/v1/studies/{uid}")))["results"]
+        url = f"/api/v1/results/{result['result_id']}/reviews"
+        reviews = [{"finding": "lesion", "decision": "accept", "comment": "żółta plama"}]
+        # enough comments for a second page
+        reviews += [
+            {"finding": "lesion", "decision": "comment", "comment": f"note {i}"} for i in range(40)
+        ]
+        for review in reviews:
+            r = await client.post(url, json=review, headers={"X-CSRF-Token": csrf})
+            assert r.status == 201, await r.text()
+        r = await client.get(f"/api/v1/studies/{uid}/report.pdf")
+        assert r.status == 200 and r.content_type == "application/pdf"
+        pages = [p.extract_text() for p in PdfReader(io.BytesIO(await r.read())).pages]
+        text = "\n".join(pages)
+        assert "Patient Żółkiewski, Łukasz (WEB-1)" in text
+        assert "?" not in text.split("Study UID", 1)[0]  # nothing replaced by "?"
+        assert "Study CT 2026-11-25 Synthetic CT study" in text
+        area = result["findings"]["area_mm2_total"]
+        assert f"Total area {area:,.1f} mm²" in text
+        ml = result["findings"]["volume_mm3"] / 1000
+        shown = re.search(r"Volume ([0-9.,]+) mL", text)
+        assert shown is not None and float(shown[1]) == pytest.approx(ml, abs=0.0005), text
+        assert "Mean intensity (HU)" in text
+        assert "mm2" not in text and "mm3" not in text and "mm³" not in text
+        assert "Review: lesion accepted by rad" in text
+        assert "Comment: lesion rad (" in text and "): żółta plama" in text
+        assert "note 39" in text
+        zone = ZoneInfo("Europe/Warsaw")
+        generated = datetime.fromtimestamp(clock.now(), zone).strftime("%Y-%m-%d %H:%M")
+        received = datetime.fromtimestamp(
+            app.store.query("SELECT last_received_at FROM studies")[0][0], zone
+        ).strftime("%Y-%m-%d %H:%M:%S")
+        assert f"Received {received} Europe/Warsaw" in text
+        assert len(pages) >= 2
+        for n, page in enumerate(pages, 1):
+            assert f"generated {generated} Europe/Warsaw" in page, n
+            assert f"page {n} of {len(pages)}" in page, n
+        # the HTML report says the same
+        page = await (await client.get(f"/studies/{uid}/report")).text()
+        assert "Żółkiewski, Łukasz (WEB-1)" in page and "Mean intensity (HU)" in page
+        assert f"{area:,.1f} mm²" in page and " mL</td>" in page
+        assert "lesion: rad (" in page and "żółta plama" in page
+        assert f"Generated {generated}" in page and "Europe/Warsaw" in page
+
+    _run(app, body)

@@ -162,7 +162,7 @@ def test_radiologist_rejects_a_finding_and_the_review_reaches_the_hub(
 
         _wait("a click on the study", open_study)
         title = _wait("the study page", lambda: browser.find_elements(By.ID, "study-title"))
-        assert "BROWSER^TEST" in title[0].text and "/studies/" in browser.current_url
+        assert "BROWSER, TEST" in title[0].text and "/studies/" in browser.current_url
         img = _wait("the viewer", lambda: browser.find_elements(By.CSS_SELECTOR, "img.slice"))[0]
         assert "overlay=1" in img.get_attribute("src")
         # move to a slice with a finding and check the overlay is drawn (red pixels)
