@@ -88,7 +88,7 @@ def show(
     if not results:
         if study is not None:
             print(
-                f"no results for study {study_uid} yet ({study.state.value}; "
+                f"no results for study {study_uid} yet (state {study.state.value}; "
                 "edge-agent studies show UID says why)"
             )
         else:

@@ -113,7 +113,8 @@ def test_results_of_an_unknown_study_fail_clearly(
     err = capsys.readouterr().err
     assert "no study 1.2.3.4.5 on this agent" in err
     assert main(["results", uid, "--config", str(site)]) == 0  # known, nothing yet: not an error
-    assert f"no results for study {uid} yet (state RECEIVING)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"no results for study {uid} yet (state RECEIVING; edge-agent studies show" in out
 
 
 def test_studies_filter_by_state_and_say_when_the_limit_cut(

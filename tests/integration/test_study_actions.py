@@ -88,7 +88,9 @@ def test_why_a_study_failed_in_the_api_the_page_and_the_cli(
     out = capsys.readouterr().out
     assert ct.study_uid in out and rgb_uid in out
     assert studies_cli.show(app.cfg, state="DONE") == 0
-    assert capsys.readouterr().out.strip() == "no study is DONE (2 in other states)"
+    assert capsys.readouterr().out.strip() == (
+        "no DONE studies (2 studies in other states; edge-agent studies lists them)"
+    )
 
     # results UID: an unknown study is an error (exit 1 through main), a known one says why
     with pytest.raises(EdgeError, match=r"no study 1\.2\.3\.999"):
