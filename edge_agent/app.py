@@ -29,6 +29,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.inference.worker import InferenceWorker
 from edge_agent.lifecycle.tiers import Tiers
 from edge_agent.metrics import Metrics, create_metrics
+from edge_agent.perms import harden, private_umask
 from edge_agent.results.forward import Forwarder
 from edge_agent.store import Spool
 from edge_agent.store.journal import IngestJournal
@@ -58,10 +59,14 @@ class RecoveryReport:
 
 
 def prepare_dirs(cfg: Config) -> Spool:
-    """Create the data folders (idempotent) and return the hot spool."""
+    """Create the data folders (idempotent, 0700), make what they hold private to this user
+    (:mod:`edge_agent.perms`) and return the hot spool."""
     s = cfg.storage
-    for name in ("hot_dir", "warm_dir", "cold_dir", "quarantine_dir"):
-        s.path(name).mkdir(parents=True, exist_ok=True)
+    folders = ("hot_dir", "warm_dir", "cold_dir", "quarantine_dir")
+    with private_umask():
+        for name in folders:
+            s.path(name).mkdir(parents=True, exist_ok=True)
+    harden([Path(s.data_dir), *(s.path(n) for n in (*folders, "journal_dir"))])
     spool = Spool(s.path("hot_dir"), fsync=s.fsync)
     spool.prepare()
     return spool
@@ -419,5 +424,6 @@ def run(cfg: Config) -> int:
         app = await asyncio.to_thread(EdgeApp, cfg)
         await app.serve(stop)
 
-    asyncio.run(main())
+    with private_umask():  # every file the agent writes holds PHI or secrets
+        asyncio.run(main())
     return 0

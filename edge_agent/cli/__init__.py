@@ -31,6 +31,7 @@ from edge_agent.cli import (
 )
 from edge_agent.cli.common import CONFIG_NAME, EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 from edge_agent.errors import ConfigError, EdgeError
+from edge_agent.perms import private_umask
 
 __all__ = ["CONFIG_NAME", "EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "main"]
 
@@ -81,7 +82,8 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        code: int = args.func(args)
+        with private_umask():  # stores, backups, keys, credentials: this user's only
+            code: int = args.func(args)
     except ConfigError as exc:
         print(f"edge-agent: configuration error in {exc.field}: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import getpass
 import os
 import sys
 import time
 from typing import TYPE_CHECKING
 
+from edge_agent import audit as audit_log
 from edge_agent.cli.common import (
+    EXIT_ERROR,
     EXIT_OK,
     add_command,
     config_arg,
@@ -63,8 +64,17 @@ def add_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="only entries from then on: 2026-12-01, 2026-12-01T08:30 (local time), "
         "2026-12-01T08:30Z, or Unix seconds",
     )
-    uu.add_argument("--csv", action="store_true")
-    uu.set_defaults(func=lambda a: audit(load(a), since=a.since, as_csv=a.csv))
+    uu.add_argument("--csv", action="store_true", help="as CSV (formula cells neutralised)")
+    uu.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the log's hash chain (exit 1 where it breaks); prints its head hash",
+    )
+    uu.set_defaults(
+        func=lambda a: (
+            verify_audit(load(a)) if a.verify else audit(load(a), since=a.since, as_csv=a.csv)
+        )
+    )
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
@@ -154,17 +164,15 @@ def audit(cfg: Config, *, since: float = 0.0, as_csv: bool = False) -> int:
         rows = [
             dict(r)
             for r in store.query(
-                "SELECT id, at, username, action, target, remote, request_id, detail "
-                "FROM audit_log WHERE at >= ? ORDER BY id",
+                "SELECT id, at, username, action, target, remote, request_id, detail, "
+                "prev_sha256, sha256 FROM audit_log WHERE at >= ? ORDER BY id",
                 (since,),
             )
         ]
     finally:
         store.close()
     if as_csv:
-        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["id"])
-        w.writeheader()
-        w.writerows(rows)
+        audit_log.write_csv(rows, sys.stdout)
         return EXIT_OK
     if not rows:
         print("no audit entries" + (f" since {fmt_time(since)}" if since else ""))
@@ -173,4 +181,24 @@ def audit(cfg: Config, *, since: float = 0.0, as_csv: bool = False) -> int:
             f"{fmt_time(float(str(r['at'])))}  {r['username']:<12} {r['action']:<16} "
             f"{r['target']}  from {r['remote']}  {r['detail']}"
         )
+    return EXIT_OK
+
+
+def verify_audit(cfg: Config) -> int:
+    """Check the audit log's hash chain; EXIT_ERROR at the first row that breaks it."""
+    store = open_store(cfg)
+    try:
+        store.writer.call(audit_log.seal)  # rows from before the chain, chained as they are
+        with store.snapshot() as conn:
+            verdict = audit_log.verify(conn)
+    finally:
+        store.close()
+    if not verdict.intact:
+        print(
+            f"audit log BROKEN at row {verdict.broken_at}: {verdict.reason} "
+            f"({verdict.rows - 1} row(s) before it are intact)"
+        )
+        return EXIT_ERROR
+    print(f"audit log intact: {verdict.rows} row(s), head sha256 {verdict.head}")
+    print("(keep the head hash elsewhere: rows removed from the end show only against it)")
     return EXIT_OK

@@ -441,6 +441,15 @@ MIGRATIONS: Sequence[Migration] = (
         ALTER TABLE studies ADD COLUMN rerun_model TEXT;
         """,
     ),
+    Migration(
+        "0014_audit_chain",
+        """
+        -- each audit row holds the previous row's hash and its own (edge_agent/audit.py);
+        -- rows from before are chained by the next row written
+        ALTER TABLE audit_log ADD COLUMN prev_sha256 TEXT;
+        ALTER TABLE audit_log ADD COLUMN sha256 TEXT;
+        """,
+    ),
 )
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from edge_agent import audit as audit_log
 from edge_agent.errors import EdgeError
 from edge_agent.store import Store
 
@@ -338,10 +339,15 @@ class Accounts:
     ) -> Future[Any]:
         """Queue the audit row; the returned future is done once it is committed."""
         return self._store.writer.submit(
-            lambda c: c.execute(
-                "INSERT INTO audit_log (at, username, action, target, remote, request_id, "
-                "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (now, username, action, target, remote, request_id, detail[:1000]),
+            partial(
+                audit_log.append,
+                at=now,
+                username=username,
+                action=action,
+                target=target,
+                remote=remote,
+                request_id=request_id,
+                detail=detail,
             )
         )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import json
 import re
@@ -14,6 +13,7 @@ from typing import Any
 import pydicom
 from aiohttp import web
 
+from edge_agent import audit as audit_log
 from edge_agent import status
 from edge_agent.actions.rerun import rerun
 from edge_agent.results import reviews
@@ -108,6 +108,10 @@ async def list_studies(request: web.Request) -> web.Response:
             return queries.worklist(conn, params, limit=limit, offset=offset)
 
     rows, total = await asyncio.to_thread(query)
+    # a worklist is every listed patient's name and ID: who looked, with which filter
+    filters = {k: v for k, v in params.items() if k != "pat" and v not in ("", -1)}
+    filters.update(offset=offset, shown=len(rows), total=total)
+    await audit(request, "worklist.query", q or "*", json.dumps(filters, ensure_ascii=False))
     return web.json_response(
         {
             "total": total,
@@ -182,6 +186,7 @@ async def series_image(request: web.Request) -> web.Response:
         return render(ds, preset=preset, mask=mask)
 
     png = await asyncio.to_thread(build)
+    await audit(request, "image.view", series_uid, f"slice {index}, {preset}")
     return web.Response(body=png, content_type="image/png")
 
 
@@ -250,6 +255,7 @@ async def study_priors(request: web.Request) -> web.Response:
     found = await asyncio.to_thread(query)
     if found is None:
         raise ApiError(404, "not_found", "no such study")
+    await audit(request, "priors.view", uid, f"{len(found)} studies")
     return web.json_response({"study_uid": uid, "priors": found})
 
 
@@ -324,6 +330,7 @@ async def list_conflicts(request: web.Request) -> web.Response:
         for side in ("edge_payload", "cloud_payload"):
             if isinstance(r.get(side), str):
                 r[side] = json.loads(r[side])
+    await audit(request, "conflicts.view", "hub", f"{len(rows)} conflicts")
     return web.json_response({"conflicts": rows})
 
 
@@ -371,7 +378,9 @@ async def node_status(request: web.Request) -> web.Response:
 @require()
 async def list_users(request: web.Request) -> web.Response:
     """Local accounts (admin)."""
-    return web.json_response({"users": request.app[DEPS].accounts.users()})
+    users = request.app[DEPS].accounts.users()
+    await audit(request, "users.list", "accounts", f"{len(users)} users")
+    return web.json_response({"users": users})
 
 
 @require()
@@ -421,21 +430,7 @@ async def export_audit(request: web.Request) -> web.Response:
     await audit(request, "audit.export", fmt, f"{len(rows)} rows")
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(
-            buf,
-            fieldnames=[
-                "id",
-                "at",
-                "username",
-                "action",
-                "target",
-                "remote",
-                "request_id",
-                "detail",
-            ],
-        )
-        w.writeheader()
-        w.writerows(rows)
+        audit_log.write_csv(rows, buf)
         return web.Response(text=buf.getvalue(), content_type="text/csv")
     return web.json_response({"entries": rows})
 

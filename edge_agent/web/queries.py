@@ -246,8 +246,8 @@ def audit_rows(conn: sqlite3.Connection, *, since: float, limit: int) -> list[di
     return [
         dict(r)
         for r in conn.execute(
-            "SELECT id, at, username, action, target, remote, request_id, detail FROM audit_log "
-            "WHERE at >= ? ORDER BY id LIMIT ?",
+            "SELECT id, at, username, action, target, remote, request_id, detail, prev_sha256, "
+            "sha256 FROM audit_log WHERE at >= ? ORDER BY id LIMIT ?",
             (since, limit),
         )
     ]

@@ -610,3 +610,52 @@ def test_pdf_report_has_the_unicode_name_units_reviews_and_page_numbers(
         assert f"Generated {generated}" in page and "Europe/Warsaw" in page
 
     _run(app, body)
+
+
+def test_reads_of_patient_data_are_audited_chained_and_exported_safely(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    from edge_agent import audit as audit_log
+
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+    uid = app.study_uid
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        # a login attempt with a spreadsheet formula as its username ends up in the log
+        r = await client.post(
+            "/login", data={"username": '=HYPERLINK("http://x.example","y")', "password": "p"}
+        )
+        assert r.status == 401
+        await _login(client, "rad")
+        assert (await client.get("/api/v1/studies?q=doe&state=DONE")).status == 200
+        detail = await _json(await client.get(f"/api/v1/studies/{uid}"))
+        series = detail["series"][0]["series_uid"]
+        assert (await client.get(f"/api/v1/series/{series}/image?index=1")).status == 200
+        assert (await client.get(f"/api/v1/studies/{uid}/priors")).status == 200
+        client.session.cookie_jar.clear()
+        await _login(client, "root")
+        assert (await client.get("/api/v1/users")).status == 200
+        csv_text = await (await client.get("/api/v1/audit?format=csv")).text()
+        assert "'=HYPERLINK(" in csv_text and ',"=HYPERLINK' not in csv_text
+        assert csv_text.splitlines()[0].endswith(",prev_sha256,sha256")
+
+    _run(app, body)
+    rows = {
+        r["action"]: r
+        for r in app.store.query("SELECT action, username, target, detail FROM audit_log")
+    }
+    worklist = rows["worklist.query"]
+    assert (worklist["username"], worklist["target"]) == ("rad", "doe")
+    assert json.loads(worklist["detail"]) == {
+        "q": "doe",
+        "state": "DONE",
+        "offset": 0,
+        "shown": 1,
+        "total": 1,
+    }
+    assert rows["image.view"]["target"] and rows["image.view"]["detail"].startswith("slice 1")
+    assert rows["priors.view"]["target"] == uid
+    assert rows["users.list"]["username"] == "root"
+    with app.store.read() as conn:
+        verdict = audit_log.verify(conn)
+    assert verdict.intact and verdict.rows == len(app.store.query("SELECT id FROM audit_log"))
