@@ -18,7 +18,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.store import Store
 from edge_agent.sync.client import Credential, HttpHubClient
 from edge_agent.sync.state import load_hlc
-from edge_agent.web.accounts import Accounts
+from edge_agent.web.accounts import Accounts, load_blocklist
 from hub_protocol import HybridClock
 
 
@@ -92,4 +92,6 @@ def accounts(cfg: Config, store: Store, metrics: Metrics | None = None) -> Accou
         lockout_s=w.lockout_s,
         throttle_attempts=w.login_throttle_attempts,
         throttle_window_s=w.login_throttle_window_s,
+        token_ttl_s=w.api_token_ttl_days * 86400.0,
+        blocklist=load_blocklist(w.password_blocklist_file),
     )

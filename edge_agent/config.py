@@ -500,7 +500,9 @@ class WebConfig:
     last ``session_ttl_s``; ``lockout_attempts`` failed logins in a row lock an account for
     ``lockout_s``; ``login_throttle_attempts`` failed logins from one client address within
     ``login_throttle_window_s`` refuse that address's logins for the rest of the window.
-    The worklist refreshes itself every ``refresh_s``.
+    API tokens expire after ``api_token_ttl_days`` unless made with another lifetime.
+    ``password_blocklist_file``: a breached/common password list (one per line), refused
+    on top of the built-in rules. The worklist refreshes itself every ``refresh_s``.
     """
 
     enabled: bool = True
@@ -514,8 +516,14 @@ class WebConfig:
     login_throttle_attempts: int = setting(20, lo=1, hi=100_000)
     login_throttle_window_s: float = setting(300.0, lo=1, hi=86400, unit="s")
     refresh_s: float = setting(5.0, lo=0.5, hi=3600, unit="s")
+    api_token_ttl_days: float = setting(365.0, lo=0.001, hi=3650, unit="days")
+    password_blocklist_file: str = ""
 
     def check(self) -> None:
+        if self.password_blocklist_file and not Path(self.password_blocklist_file).is_file():
+            raise ConfigError(
+                "web.password_blocklist_file", f"no file {self.password_blocklist_file}"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("web.tls_cert", "web.tls_cert and web.tls_key go together")
 

@@ -7,6 +7,7 @@ import getpass
 import os
 import sys
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 from edge_agent import audit as audit_log
@@ -24,7 +25,7 @@ from edge_agent.config import Config
 from edge_agent.errors import EdgeError
 
 if TYPE_CHECKING:
-    from edge_agent.web.accounts import User
+    from edge_agent.web.accounts import Accounts, User
 
 ROLES = ["radiologist", "operator", "admin"]
 
@@ -41,6 +42,11 @@ def add_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     config_arg(ua)
     ua.add_argument("username")
     ua.add_argument("--role", choices=ROLES, required=True)
+    ua.add_argument(
+        "--temporary",
+        action="store_true",
+        help="a password you chose for someone else: they must change it at the first login",
+    )
     ua.set_defaults(func=_cmd_add)
     ul = usub.add_parser("list", help="accounts, roles, lockouts")
     config_arg(ul)
@@ -49,11 +55,35 @@ def add_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     config_arg(uk)
     uk.add_argument("username")
     uk.set_defaults(func=lambda a: unlock(load(a), a.username))
+    for action, text in (
+        ("disable", "disable an account: its sessions end, its API tokens stop (audited)"),
+        ("enable", "enable a disabled account (audited)"),
+        ("logout", "end every session of an account (audited)"),
+        (
+            "passwd",
+            "set an account's password ($EDGE_USER_PASSWORD or asked); it must be "
+            "changed at the next login unless --keep; its sessions end (audited)",
+        ),
+    ):
+        ux = usub.add_parser(action, help=text)
+        config_arg(ux)
+        ux.add_argument("username")
+        if action == "passwd":
+            ux.add_argument("--keep", action="store_true", help="no change forced at login")
+        ux.set_defaults(func=partial(_cmd_manage, action))
     ut = usub.add_parser("token", help="an API token acting as a user (shown once)")
     config_arg(ut)
     ut.add_argument("name", help="what the token is for, e.g. prometheus")
     ut.add_argument("--user", required=True)
-    ut.set_defaults(func=lambda a: token(load(a), a.name, user=a.user))
+    ut.add_argument("--days", type=float, help="lifetime (default web.api_token_ttl_days)")
+    ut.set_defaults(func=lambda a: token(load(a), a.name, user=a.user, days=a.days))
+    uts = usub.add_parser("tokens", help="API tokens: user, created, expiry, revoked")
+    config_arg(uts)
+    uts.set_defaults(func=lambda a: tokens(load(a)))
+    ur = usub.add_parser("revoke", help="revoke an API token by name (audited)")
+    config_arg(ur)
+    ur.add_argument("name")
+    ur.set_defaults(func=lambda a: revoke(load(a), a.name))
     uu = usub.add_parser("audit", help="export the audit log (who saw or did what)")
     config_arg(uu)
     uu.add_argument(
@@ -77,26 +107,87 @@ def add_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
 
 
-def _cmd_add(args: argparse.Namespace) -> int:
-    cfg = load(args)
+def _password(username: str) -> str:
     password = os.environ.get("EDGE_USER_PASSWORD", "")
     if not password:
         if not sys.stdin.isatty():
             raise EdgeError("set EDGE_USER_PASSWORD or run in a terminal to type the password")
-        password = getpass.getpass(f"password for {args.username}: ")
+        password = getpass.getpass(f"password for {username}: ")
         if getpass.getpass("again: ") != password:
             raise EdgeError("the passwords differ")
-    add(cfg, args.username, role=args.role, password=password)
+    return password
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    add(
+        cfg,
+        args.username,
+        role=args.role,
+        password=_password(args.username),
+        temporary=args.temporary,
+    )
     return EXIT_OK
 
 
-def add(cfg: Config, username: str, *, role: str, password: str) -> User:
-    """Add the account ``username`` with ``role``; prints and returns it."""
+def _cmd_manage(action: str, args: argparse.Namespace) -> int:
+    cfg = load(args)
+    password = _password(args.username) if action == "passwd" else ""
+    return manage(cfg, action, args.username, password=password, keep=getattr(args, "keep", False))
+
+
+def _console_audit(acc: Accounts, action: str, target: str, detail: str = "") -> None:
+    acc.audit(
+        username=f"console:{getpass.getuser()}",
+        action=action,
+        target=target,
+        remote="console",
+        request_id="-",
+        now=time.time(),
+        detail=detail,
+    ).result()
+
+
+def manage(
+    cfg: Config, action: str, username: str, *, password: str = "", keep: bool = False
+) -> int:
+    """``disable``, ``enable``, ``logout`` or ``passwd`` the account ``username`` from the
+    console; audited as the operating-system user who ran it."""
     from edge_agent import compose
 
     store = open_store(cfg)
     try:
-        user = compose.accounts(cfg, store).add_user(username, role, password, now=time.time())
+        acc = compose.accounts(cfg, store)
+        if action in ("disable", "enable"):
+            ended = acc.set_disabled(username, action == "disable")
+        elif action == "logout":
+            ended = acc.end_sessions(username)
+        else:
+            ended = acc.set_password(username, password, now=time.time(), must_change=not keep)
+        note = "" if keep or action != "passwd" else "; it must be changed at the next login"
+        _console_audit(acc, f"user.{action}", username, f"{ended} sessions ended{note}")
+    finally:
+        store.close()
+    done = {
+        "disable": "disabled",
+        "enable": "enabled",
+        "logout": "logged out",
+        "passwd": "new password for",
+    }
+    print(f"{done[action]} {username} ({ended} session(s) ended{note})")
+    return EXIT_OK
+
+
+def add(cfg: Config, username: str, *, role: str, password: str, temporary: bool = False) -> User:
+    """Add the account ``username`` with ``role`` (``temporary``: its password must be
+    changed at the first login); prints and returns it."""
+    from edge_agent import compose
+
+    store = open_store(cfg)
+    try:
+        user = compose.accounts(cfg, store).add_user(
+            username, role, password, now=time.time(), must_change_password=temporary
+        )
     finally:
         store.close()
     print(f"added {user.username} ({user.role})")
@@ -115,8 +206,10 @@ def show(cfg: Config) -> int:
     if not users:
         print("no accounts (edge-agent users add NAME --role ROLE)")
     for u in users:
-        locked = " LOCKED" if float(str(u["locked_until"])) > time.time() else ""
-        print(f"{u['username']:<24} {u['role']:<12}{locked}")
+        flags = " LOCKED" if float(str(u["locked_until"])) > time.time() else ""
+        flags += " DISABLED" if u["disabled"] else ""
+        flags += " must-change-password" if u["must_change_password"] else ""
+        print(f"{u['username']:<24} {u['role']:<12}{flags}")
     return EXIT_OK
 
 
@@ -129,31 +222,67 @@ def unlock(cfg: Config, username: str) -> int:
     try:
         acc = compose.accounts(cfg, store)
         acc.unlock(username)
-        acc.audit(
-            username=f"console:{getpass.getuser()}",
-            action="user.unlock",
-            target=username,
-            remote="console",
-            request_id="-",
-            now=time.time(),
-        ).result()
+        _console_audit(acc, "user.unlock", username)
     finally:
         store.close()
     print(f"unlocked {username}")
     return EXIT_OK
 
 
-def token(cfg: Config, name: str, *, user: str) -> int:
-    """Print a new API token ``name`` acting as ``user`` (shown once)."""
+def token(cfg: Config, name: str, *, user: str, days: float | None = None) -> int:
+    """Print a new API token ``name`` acting as ``user`` (shown once), valid ``days``."""
     from edge_agent import compose
 
     store = open_store(cfg)
     try:
-        secret = compose.accounts(cfg, store).create_token(name, user, now=time.time())
+        acc = compose.accounts(cfg, store)
+        now = time.time()
+        ttl = None if days is None else days * 86400
+        secret = acc.create_token(name, user, now=now, ttl_s=ttl)
+        _console_audit(acc, "token.create", name, user)
     finally:
         store.close()
     print(secret)
-    print(f"(API token {name!r} acting as {user}; shown once)", file=sys.stderr)
+    expires = fmt_time(now + (acc.token_ttl_s if ttl is None else ttl))
+    print(f"(API token {name!r} acting as {user}, until {expires}; shown once)", file=sys.stderr)
+    return EXIT_OK
+
+
+def tokens(cfg: Config) -> int:
+    """Print the API tokens (never their secrets)."""
+    from edge_agent import compose
+
+    store = open_store(cfg)
+    try:
+        rows = compose.accounts(cfg, store).tokens()
+    finally:
+        store.close()
+    if not rows:
+        print("no API tokens (edge-agent users token NAME --user USER)")
+    now = time.time()
+    for t in rows:
+        if t["revoked_at"]:
+            state = f"revoked {fmt_time(float(str(t['revoked_at'])))}"
+        elif float(str(t["expires_at"])) <= now:
+            state = f"EXPIRED {fmt_time(float(str(t['expires_at'])))}"
+        else:
+            state = f"valid until {fmt_time(float(str(t['expires_at'])))}"
+        print(f"{t['name']:<24} {t['username']:<16} {state}")
+    return EXIT_OK
+
+
+def revoke(cfg: Config, name: str) -> int:
+    """Revoke the API token ``name``; audited as the console."""
+    from edge_agent import compose
+
+    store = open_store(cfg)
+    try:
+        acc = compose.accounts(cfg, store)
+        acc.revoke_token(name, now=time.time())
+        _console_audit(acc, "token.revoke", name)
+    finally:
+        store.close()
+    print(f"revoked {name}")
     return EXIT_OK
 
 

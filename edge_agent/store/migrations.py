@@ -450,6 +450,17 @@ MIGRATIONS: Sequence[Migration] = (
         ALTER TABLE audit_log ADD COLUMN sha256 TEXT;
         """,
     ),
+    Migration(
+        "0015_account_controls",
+        """
+        -- a password someone else set (an admin's reset, a new account) must be changed at
+        -- the next login; API tokens expire
+        ALTER TABLE users ADD COLUMN must_change_password INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE users ADD COLUMN password_changed_at REAL;
+        ALTER TABLE api_tokens ADD COLUMN expires_at REAL;
+        UPDATE api_tokens SET expires_at = created_at + 365 * 86400;  -- older ones: a year
+        """,
+    ),
 )
 
 

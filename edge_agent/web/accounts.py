@@ -35,6 +35,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -86,6 +87,8 @@ class Session:
     user: User
     csrf_token: str
     token_sha256: str
+    #: the password was set by someone else: only changing it (or logging out) is allowed
+    must_change_password: bool = False
 
 
 def _b64(raw: bytes) -> str:
@@ -111,9 +114,118 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(key))
 
 
-def check_password_policy(password: str) -> None:
+#: Words that make a password guessable however long it is, once digits and symbols are
+#: taken off its ends (``Password2026!``, ``hospital1234``, ``qwertyuiop12``).
+COMMON_WORDS = frozenset(
+    [
+        "password",
+        "passw0rd",
+        "passwort",
+        "motdepasse",
+        "contrasena",
+        "qwerty",
+        "qwertyuiop",
+        "qwertz",
+        "azerty",
+        "asdfghjkl",
+        "zxcvbnm",
+        "letmein",
+        "welcome",
+        "iloveyou",
+        "admin",
+        "administrator",
+        "root",
+        "changeme",
+        "default",
+        "secret",
+        "master",
+        "monkey",
+        "dragon",
+        "football",
+        "baseball",
+        "soccer",
+        "hockey",
+        "sunshine",
+        "princess",
+        "shadow",
+        "superman",
+        "batman",
+        "trustno1",
+        "starwars",
+        "whatever",
+        "freedom",
+        "hello",
+        "charlie",
+        "michael",
+        "jennifer",
+        "hospital",
+        "radiology",
+        "radiologist",
+        "doctor",
+        "nurse",
+        "pacs",
+        "dicom",
+        "orthanc",
+        "clinic",
+        "health",
+        "medical",
+        "summer",
+        "winter",
+        "spring",
+        "autumn",
+        "january",
+        "february",
+        "march",
+        "april",
+        "june",
+        "july",
+        "august",
+        "september",
+        "october",
+        "november",
+        "december",
+        "monday",
+        "friday",
+        "abc",
+        "abcdef",
+        "abcdefgh",
+    ]
+)
+_SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiopasdfghjklzxcvbnm")
+
+
+def check_password_policy(
+    password: str, *, username: str = "", blocklist: frozenset[str] = frozenset()
+) -> None:
+    """Refuse a password that is short, common or guessable: fewer than 12 characters, one
+    of ``blocklist`` (e.g. a breached-password list, lower-cased), the username in it, a
+    :data:`COMMON_WORDS` word with only digits or symbols around it, one repeated
+    character or a run of the keyboard or the alphabet."""
     if len(password) < 12:
         raise AccountError("passwords need at least 12 characters")
+    if len(password) > 1024:
+        raise AccountError("passwords are at most 1024 characters")
+    low = password.lower()
+    if low in blocklist:
+        raise AccountError("this password is on the list of breached or common passwords")
+    if username and username.lower() in low:
+        raise AccountError("a password must not contain the username")
+    core = re.sub(r"^[\W\d_]+|[\W\d_]+$", "", low)
+    if not core or core in COMMON_WORDS or re.fullmatch(r"(.+?)\1+", core):
+        raise AccountError("this password is too easy to guess (a common word or a repeat)")
+    if len(set(low)) <= 2 or any(low in seq or low in seq[::-1] for seq in _SEQUENCES):
+        raise AccountError("this password is too easy to guess (a run of keys or letters)")
+
+
+def load_blocklist(path: str) -> frozenset[str]:
+    """A breached/common password list, one per line (``#`` comments), lower-cased; empty
+    path = none."""
+    if not path:
+        return frozenset()
+    with Path(path).open(encoding="utf-8", errors="replace") as fh:
+        return frozenset(
+            line.strip().lower() for line in fh if line.strip() and not line.startswith("#")
+        )
 
 
 def _sha(token: str) -> str:
@@ -138,8 +250,12 @@ class Accounts:
         throttle_attempts: int = 20,
         throttle_window_s: float = 300.0,
         metrics: Metrics | None = None,
+        token_ttl_s: float = 365 * 86400.0,
+        blocklist: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
+        self.token_ttl_s = token_ttl_s
+        self._blocklist = blocklist
         self._metrics = metrics
         self.session_ttl_s = session_ttl_s
         self.lockout_attempts = lockout_attempts
@@ -151,22 +267,36 @@ class Accounts:
 
     # -- users ---------------------------------------------------------------------------
 
-    def add_user(self, username: str, role: str, password: str, *, now: float) -> User:
+    def check_password(self, password: str, *, username: str = "") -> None:
+        """:func:`check_password_policy` with this node's blocklist."""
+        check_password_policy(password, username=username, blocklist=self._blocklist)
+
+    def add_user(
+        self,
+        username: str,
+        role: str,
+        password: str,
+        *,
+        now: float,
+        must_change_password: bool = False,
+    ) -> User:
+        """A new account; ``must_change_password`` when someone else chose the password."""
         if not _USERNAME.fullmatch(username):
             raise AccountError(
                 "usernames are 2-64 characters: lower-case letters, digits, '.', '_', '-'"
             )
         if role not in ROLES:
             raise AccountError(f"role must be one of {', '.join(ROLES)}")
-        check_password_policy(password)
+        self.check_password(password, username=username)
         pw = hash_password(password)
 
         def insert(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
                 raise AccountError(f"user {username} exists")
             conn.execute(
-                "INSERT INTO users (username, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                (username, role, pw, now),
+                "INSERT INTO users (username, role, password_hash, created_at, "
+                "must_change_password, password_changed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (username, role, pw, now, int(must_change_password), now),
             )
 
         self._store.writer.call(insert)
@@ -176,10 +306,84 @@ class Accounts:
         return [
             dict(r)
             for r in self._store.query(
-                "SELECT username, role, failed_logins, locked_until, created_at, disabled "
-                "FROM users ORDER BY username"
+                "SELECT username, role, failed_logins, locked_until, created_at, disabled, "
+                "must_change_password, password_changed_at FROM users ORDER BY username"
             )
         ]
+
+    def set_disabled(self, username: str, disabled: bool) -> int:
+        """Disable (or enable) ``username``; disabling ends its sessions at once (its API
+        tokens stop working while it is disabled). Returns the sessions ended."""
+
+        def tx(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE users SET disabled = ? WHERE username = ?", (int(disabled), username)
+            )
+            if cur.rowcount == 0:
+                raise AccountError(f"no user {username}")
+            if not disabled:
+                return 0
+            return conn.execute("DELETE FROM sessions WHERE username = ?", (username,)).rowcount
+
+        return int(self._store.writer.call(tx))
+
+    def end_sessions(self, username: str, *, keep: str = "") -> int:
+        """End every session of ``username`` (but ``keep``, a session's token hash);
+        returns how many."""
+
+        def tx(conn: sqlite3.Connection) -> int:
+            if not conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+                raise AccountError(f"no user {username}")
+            return conn.execute(
+                "DELETE FROM sessions WHERE username = ? AND token_sha256 != ?", (username, keep)
+            ).rowcount
+
+        return int(self._store.writer.call(tx))
+
+    def set_password(
+        self, username: str, password: str, *, now: float, must_change: bool = True
+    ) -> int:
+        """An admin's reset: the new password must be changed at the next login (unless
+        ``must_change`` is False); every session of the user ends. Returns sessions ended."""
+        self.check_password(password, username=username)
+        pw = hash_password(password)
+
+        def tx(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE users SET password_hash = ?, must_change_password = ?, "
+                "password_changed_at = ?, failed_logins = 0, locked_until = 0 WHERE username = ?",
+                (pw, int(must_change), now, username),
+            )
+            if cur.rowcount == 0:
+                raise AccountError(f"no user {username}")
+            return conn.execute("DELETE FROM sessions WHERE username = ?", (username,)).rowcount
+
+        return int(self._store.writer.call(tx))
+
+    def change_password(self, session: Session, old: str, new: str, *, now: float) -> None:
+        """The user's own change: ``old`` must be right; the other sessions end, this one
+        stays and is no longer held to a change."""
+        username = session.user.username
+        rows = self._store.query("SELECT password_hash FROM users WHERE username = ?", (username,))
+        if not rows or not verify_password(old, rows[0][0]):
+            raise AccountError("the current password is wrong")
+        if old == new:
+            raise AccountError("the new password must differ from the current one")
+        self.check_password(new, username=username)
+        pw = hash_password(new)
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE users SET password_hash = ?, must_change_password = 0, "
+                "password_changed_at = ? WHERE username = ?",
+                (pw, now, username),
+            )
+            conn.execute(
+                "DELETE FROM sessions WHERE username = ? AND token_sha256 != ?",
+                (username, session.token_sha256),
+            )
+
+        self._store.writer.call(tx)
 
     # -- login / sessions ----------------------------------------------------------------
 
@@ -242,7 +446,12 @@ class Accounts:
         except AuthFailed:
             self._note_failure(remote, now)
             raise
-        return token, Session(User(username, u["role"]), csrf, _sha(token))
+        return token, Session(
+            User(username, u["role"]),
+            csrf,
+            _sha(token),
+            must_change_password=bool(u["must_change_password"]),
+        )
 
     def unlock(self, username: str) -> None:
         """Lift ``username``'s lockout and forget its failed attempts (the console's way
@@ -280,14 +489,20 @@ class Accounts:
 
     def session(self, token: str, *, now: float) -> Session | None:
         rows = self._store.query(
-            "SELECT s.token_sha256, s.csrf_token, s.expires_at, u.username, u.role, u.disabled "
-            "FROM sessions s JOIN users u USING (username) WHERE s.token_sha256 = ?",
+            "SELECT s.token_sha256, s.csrf_token, s.expires_at, u.username, u.role, u.disabled, "
+            "u.must_change_password FROM sessions s JOIN users u USING (username) "
+            "WHERE s.token_sha256 = ?",
             (_sha(token),),
         )
         if not rows or rows[0]["expires_at"] < now or rows[0]["disabled"]:
             return None
         r = rows[0]
-        return Session(User(r["username"], r["role"]), r["csrf_token"], r["token_sha256"])
+        return Session(
+            User(r["username"], r["role"]),
+            r["csrf_token"],
+            r["token_sha256"],
+            must_change_password=bool(r["must_change_password"]),
+        )
 
     def logout(self, session: Session) -> None:
         self._store.writer.call(
@@ -298,9 +513,15 @@ class Accounts:
 
     # -- API tokens ----------------------------------------------------------------------
 
-    def create_token(self, name: str, username: str, *, now: float) -> str:
-        """A new API token acting as ``username`` (returned once, stored hashed)."""
+    def create_token(
+        self, name: str, username: str, *, now: float, ttl_s: float | None = None
+    ) -> str:
+        """A new API token acting as ``username`` (returned once, stored hashed), valid for
+        ``ttl_s`` (default ``web.api_token_ttl_days``)."""
         token = "edge_" + secrets.token_urlsafe(32)
+        ttl = self.token_ttl_s if ttl_s is None else ttl_s
+        if not 0 < ttl <= 10 * 365 * 86400:
+            raise AccountError("a token lives between 1 second and 10 years")
 
         def insert(conn: sqlite3.Connection) -> None:
             if not conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
@@ -308,19 +529,45 @@ class Accounts:
             if conn.execute("SELECT 1 FROM api_tokens WHERE name = ?", (name,)).fetchone():
                 raise AccountError(f"a token named {name} exists")
             conn.execute(
-                "INSERT INTO api_tokens (token_sha256, name, username, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (_sha(token), name, username, now),
+                "INSERT INTO api_tokens (token_sha256, name, username, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (_sha(token), name, username, now, now + ttl),
             )
 
         self._store.writer.call(insert)
         return token
 
-    def token_user(self, token: str) -> User | None:
+    def revoke_token(self, name: str, *, now: float) -> None:
+        """Revoke the API token ``name`` (it stops working at once)."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (now, name),
+            )
+            if cur.rowcount == 0:
+                raise AccountError(f"no active token {name}")
+
+        self._store.writer.call(tx)
+
+    def tokens(self) -> list[dict[str, object]]:
+        """Every API token: name, user, created, expires, revoked (never the secret)."""
+        return [
+            dict(r)
+            for r in self._store.query(
+                "SELECT name, username, created_at, expires_at, revoked_at FROM api_tokens "
+                "ORDER BY name"
+            )
+        ]
+
+    def token_user(self, token: str, *, now: float) -> User | None:
+        """The user a token acts as; None if unknown, revoked, expired or its user is
+        disabled."""
         rows = self._store.query(
             "SELECT u.username, u.role FROM api_tokens t JOIN users u USING (username) "
-            "WHERE t.token_sha256 = ? AND t.revoked_at IS NULL AND u.disabled = 0",
-            (_sha(token),),
+            "WHERE t.token_sha256 = ? AND t.revoked_at IS NULL AND u.disabled = 0 "
+            "AND t.expires_at > ?",
+            (_sha(token), now),
         )
         return User(rows[0][0], rows[0][1]) if rows else None
 
@@ -360,8 +607,8 @@ def _reserve_attempt(
     ``lockout_attempts`` get past this before the account locks. The user's row (None for no
     such user); ``locked_until`` is in the future when this attempt must fail."""
     row: sqlite3.Row | None = conn.execute(
-        "SELECT username, role, password_hash, failed_logins, locked_until, disabled "
-        "FROM users WHERE username = ?",
+        "SELECT username, role, password_hash, failed_logins, locked_until, disabled, "
+        "must_change_password FROM users WHERE username = ?",
         (username,),
     ).fetchone()
     if row is None or row["disabled"] or row["locked_until"] > now:

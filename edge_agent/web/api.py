@@ -21,7 +21,7 @@ from edge_agent.results.reviews import check_decision
 from edge_agent.sync.client import HttpHubClient, HubRejected, HubUnavailable
 from edge_agent.web import queries
 from edge_agent.web.accounts import AccountError
-from edge_agent.web.http import DEPS, USER, ApiError, WebDeps, actor, audit, require
+from edge_agent.web.http import DEPS, SESSION, USER, ApiError, WebDeps, actor, audit, require
 from edge_agent.web.images import PRESETS, render, seg_mask
 from edge_agent.web.report import pdf as report_pdf
 
@@ -391,8 +391,12 @@ async def add_user(request: web.Request) -> web.Response:
     password = _str(body, "password", max_len=1024)
     deps = request.app[DEPS]
     try:
-        user = await asyncio.to_thread(
-            deps.accounts.add_user, username, role, password, now=deps.clock.now()
+        user = await asyncio.to_thread(  # the admin chose it: the user must change it
+            partial(deps.accounts.add_user, must_change_password=True),
+            username,
+            role,
+            password,
+            now=deps.clock.now(),
         )
     except AccountError as exc:
         raise ApiError(400, "bad_request", str(exc)) from exc
@@ -405,15 +409,115 @@ async def create_token(request: web.Request) -> web.Response:
     """An API token for a machine, acting as a user (admin; shown once)."""
     body = await _body(request)
     name, username = _str(body, "name", max_len=64), _str(body, "username", max_len=64)
+    days = body.get("ttl_days")
+    if days is not None and (
+        isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= 3650
+    ):
+        raise ApiError(400, "bad_request", "ttl_days must be a number of days, 0 < n <= 3650")
     deps = request.app[DEPS]
     try:
         token = await asyncio.to_thread(
-            deps.accounts.create_token, name, username, now=deps.clock.now()
+            deps.accounts.create_token,
+            name,
+            username,
+            now=deps.clock.now(),
+            ttl_s=None if days is None else float(days) * 86400,
         )
     except AccountError as exc:
         raise ApiError(400, "bad_request", str(exc)) from exc
     await audit(request, "token.create", name, username)
     return web.json_response({"name": name, "username": username, "token": token}, status=201)
+
+
+@require()
+async def list_tokens(request: web.Request) -> web.Response:
+    """API tokens: name, user, created, expiry, revocation (never the secret; admin)."""
+    tokens = await asyncio.to_thread(request.app[DEPS].accounts.tokens)
+    return web.json_response({"tokens": tokens})
+
+
+@require()
+async def revoke_token(request: web.Request) -> web.Response:
+    """Revoke an API token by name (admin); it stops working at once."""
+    name = request.match_info["name"][:64]
+    deps = request.app[DEPS]
+    try:
+        await asyncio.to_thread(deps.accounts.revoke_token, name, now=deps.clock.now())
+    except AccountError as exc:
+        raise ApiError(404, "not_found", str(exc)) from exc
+    await audit(request, "token.revoke", name)
+    return web.json_response({"name": name, "revoked": True})
+
+
+async def _user_action(request: web.Request, action: str) -> web.Response:
+    """disable / enable / logout / password (an admin's reset) of the user in the path."""
+    username = request.match_info["username"][:64]
+    deps = request.app[DEPS]
+    acc = deps.accounts
+    detail = ""
+    try:
+        if action == "disable":
+            ended = await asyncio.to_thread(acc.set_disabled, username, True)
+        elif action == "enable":
+            ended = await asyncio.to_thread(acc.set_disabled, username, False)
+        elif action == "logout":
+            ended = await asyncio.to_thread(acc.end_sessions, username)
+        else:
+            password = _str(await _body(request), "password", max_len=1024)
+            ended = await asyncio.to_thread(
+                acc.set_password, username, password, now=deps.clock.now()
+            )
+            detail = "must change at next login"
+    except AccountError as exc:
+        status = 404 if str(exc).startswith("no user") else 400
+        raise ApiError(status, "not_found" if status == 404 else "bad_request", str(exc)) from exc
+    await audit(request, f"user.{action}", username, detail or f"{ended} sessions ended")
+    return web.json_response({"username": username, "sessions_ended": ended})
+
+
+@require()
+async def disable_user(request: web.Request) -> web.Response:
+    """Disable an account (admin): its sessions end, its API tokens stop working."""
+    return await _user_action(request, "disable")
+
+
+@require()
+async def enable_user(request: web.Request) -> web.Response:
+    """Enable a disabled account again (admin)."""
+    return await _user_action(request, "enable")
+
+
+@require()
+async def logout_user(request: web.Request) -> web.Response:
+    """End every session of an account (admin)."""
+    return await _user_action(request, "logout")
+
+
+@require()
+async def reset_password(request: web.Request) -> web.Response:
+    """Set an account's password (admin); it must be changed at the next login."""
+    return await _user_action(request, "password")
+
+
+@require("radiologist", "operator")
+async def change_own_password(request: web.Request) -> web.Response:
+    """Change your own password (a session only): the current one, then the new one; your
+    other sessions end."""
+    session = request.get(SESSION)
+    if session is None:
+        raise ApiError(403, "forbidden", "an API token cannot change a password")
+    body = await _body(request)
+    current, new = _str(body, "current", max_len=1024), _str(body, "new", max_len=1024)
+    deps = request.app[DEPS]
+    try:
+        await asyncio.to_thread(
+            deps.accounts.change_password, session, current, new, now=deps.clock.now()
+        )
+    except AccountError as exc:
+        await audit(request, "password.change_failed", session.user.username, str(exc))
+        raise ApiError(400, "bad_request", str(exc)) from exc
+    await audit(request, "password.change", session.user.username)
+    return web.json_response({"username": session.user.username, "changed": True})
 
 
 @require()
@@ -486,7 +590,14 @@ ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("GET", "/api/v1/status", node_status),
     ("GET", "/api/v1/users", list_users),
     ("POST", "/api/v1/users", add_user),
+    ("POST", "/api/v1/users/{username}/disable", disable_user),
+    ("POST", "/api/v1/users/{username}/enable", enable_user),
+    ("POST", "/api/v1/users/{username}/logout", logout_user),
+    ("POST", "/api/v1/users/{username}/password", reset_password),
+    ("POST", "/api/v1/account/password", change_own_password),
+    ("GET", "/api/v1/tokens", list_tokens),
     ("POST", "/api/v1/tokens", create_token),
+    ("POST", "/api/v1/tokens/{name}/revoke", revoke_token),
     ("GET", "/api/v1/audit", export_audit),
     ("GET", "/api/v1/openapi.json", openapi),
     ("GET", "/metrics", metrics),

@@ -182,9 +182,11 @@ async def _authenticate(request: web.Request) -> None:
     deps = request.app[DEPS]
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        user = await asyncio.to_thread(deps.accounts.token_user, header[7:].strip())
+        user = await asyncio.to_thread(
+            deps.accounts.token_user, header[7:].strip(), now=deps.clock.now()
+        )
         if user is None:
-            raise ApiError(401, "unauthenticated", "unknown or revoked API token")
+            raise ApiError(401, "unauthenticated", "unknown, expired or revoked API token")
         request[USER] = user
         return
     token = request.cookies.get(COOKIE)
@@ -198,10 +200,21 @@ async def _authenticate(request: web.Request) -> None:
         request[SESSION] = session
         if request.method in UNSAFE and request.path != "/login":
             _check_csrf(request, session)
+        if session.must_change_password and not request.path.startswith(PASSWORD_CHANGE_PATHS):
+            # a password someone else chose: nothing else until it is changed
+            if _wants_html(request) and request.method == "GET":
+                raise web.HTTPFound("/account/password")
+            raise ApiError(
+                403, "password_change_required", "change your password first (/account/password)"
+            )
         return
     if request.path.startswith(PUBLIC) or request.path == "/":
         return
     raise ApiError(401, "unauthenticated", "log in, or send an API token")
+
+
+#: What a session held to a password change may still reach.
+PASSWORD_CHANGE_PATHS = ("/account/password", "/api/v1/account/password", "/logout", "/static/")
 
 
 def _check_csrf(request: web.Request, session: Session) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from edge_agent import __version__
 
 _UID = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)*$", "maxLength": 64}
+_USERNAME = {"type": "string", "pattern": "^[a-z][a-z0-9._-]{1,63}$"}
 _RID = {"type": "string", "format": "uuid"}
 
 
@@ -165,7 +166,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any], Any, in
     ),
     ("GET", "/api/v1/users"): ("Local accounts", (), [], None, 200, "application/json"),
     ("POST", "/api/v1/users"): (
-        "Create an account",
+        "Create an account (its password must be changed at the first login)",
         (),
         [],
         {
@@ -180,14 +181,86 @@ OPERATIONS: dict[tuple[str, str], tuple[str, tuple[str, ...], list[Any], Any, in
         201,
         "application/json",
     ),
+    ("POST", "/api/v1/users/{username}/disable"): (
+        "Disable an account: its sessions end, its API tokens stop working",
+        (),
+        [_p("username", _USERNAME)],
+        None,
+        200,
+        "application/json",
+    ),
+    ("POST", "/api/v1/users/{username}/enable"): (
+        "Enable a disabled account",
+        (),
+        [_p("username", _USERNAME)],
+        None,
+        200,
+        "application/json",
+    ),
+    ("POST", "/api/v1/users/{username}/logout"): (
+        "End every session of an account",
+        (),
+        [_p("username", _USERNAME)],
+        None,
+        200,
+        "application/json",
+    ),
+    ("POST", "/api/v1/users/{username}/password"): (
+        "Set an account's password; it must be changed at the next login, its sessions end",
+        (),
+        [_p("username", _USERNAME)],
+        {
+            "type": "object",
+            "required": ["password"],
+            "properties": {"password": {"type": "string", "minLength": 12}},
+        },
+        200,
+        "application/json",
+    ),
+    ("POST", "/api/v1/account/password"): (
+        "Change your own password (a session, not an API token); your other sessions end",
+        ("radiologist", "operator"),
+        [],
+        {
+            "type": "object",
+            "required": ["current", "new"],
+            "properties": {
+                "current": {"type": "string"},
+                "new": {"type": "string", "minLength": 12},
+            },
+        },
+        200,
+        "application/json",
+    ),
+    ("GET", "/api/v1/tokens"): (
+        "API tokens: name, user, created, expiry, revocation (never the secret)",
+        (),
+        [],
+        None,
+        200,
+        "application/json",
+    ),
+    ("POST", "/api/v1/tokens/{name}/revoke"): (
+        "Revoke an API token; it stops working at once",
+        (),
+        [_p("name", {"type": "string", "maxLength": 64})],
+        None,
+        200,
+        "application/json",
+    ),
     ("POST", "/api/v1/tokens"): (
-        "Create an API token acting as a user (shown once)",
+        "Create an API token acting as a user (shown once); it expires after ttl_days "
+        "(default web.api_token_ttl_days)",
         (),
         [],
         {
             "type": "object",
             "required": ["name", "username"],
-            "properties": {"name": {"type": "string"}, "username": {"type": "string"}},
+            "properties": {
+                "name": {"type": "string"},
+                "username": {"type": "string"},
+                "ttl_days": {"type": "number", "exclusiveMinimum": 0, "maximum": 3650},
+            },
         },
         201,
         "application/json",

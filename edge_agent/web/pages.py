@@ -10,7 +10,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from edge_agent.times import dicom_date, person_name
-from edge_agent.web.accounts import AuthFailed, LoginThrottled
+from edge_agent.web.accounts import AccountError, AuthFailed, LoginThrottled, Session
 from edge_agent.web.api import load_study, node_status_data
 from edge_agent.web.http import (
     COOKIE,
@@ -19,6 +19,7 @@ from edge_agent.web.http import (
     SESSION,
     TEMPLATES,
     USER,
+    ApiError,
     audit,
     posted_form,
     remote,
@@ -108,7 +109,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         return _page(request, "login.html", status=401, next=target, error=str(exc))
     request[USER] = session.user
     await audit(request, "login", session.user.username)
-    resp = web.HTTPFound(target)
+    # a password someone else chose is changed before anything else
+    resp = web.HTTPFound("/account/password" if session.must_change_password else target)
     secure = bool(deps.web.tls_cert)
     resp.set_cookie(
         COOKIE,
@@ -208,7 +210,54 @@ async def status(request: web.Request) -> web.Response:
     return _page(request, "status.html", st=data)
 
 
+def _own_session(request: web.Request) -> Session:
+    session: Session | None = request.get(SESSION)
+    if session is None:
+        raise ApiError(403, "forbidden", "log in to change your password (not an API token)")
+    return session
+
+
+@require("radiologist", "operator")
+async def password_page(request: web.Request) -> web.Response:
+    session = _own_session(request)
+    return _page(
+        request, "password.html", error="", done=False, forced=session.must_change_password
+    )
+
+
+@require("radiologist", "operator")
+async def change_password(request: web.Request) -> web.StreamResponse:
+    form = await posted_form(request)
+    deps = request.app[DEPS]
+    session = _own_session(request)
+    current, new = form.get("current", "")[:1024], form.get("new", "")[:1024]
+    error = ""
+    if new != form.get("again", "")[:1024]:
+        error = "the two new passwords differ"
+    else:
+        try:
+            await asyncio.to_thread(
+                deps.accounts.change_password, session, current, new, now=deps.clock.now()
+            )
+        except AccountError as exc:
+            error = str(exc)
+    if error:
+        await audit(request, "password.change_failed", session.user.username, error)
+        return _page(
+            request,
+            "password.html",
+            status=400,
+            error=error,
+            done=False,
+            forced=session.must_change_password,
+        )
+    await audit(request, "password.change", session.user.username)
+    return _page(request, "password.html", error="", done=True, forced=False)
+
+
 ROUTES: tuple[tuple[str, str, Any], ...] = (
+    ("GET", "/account/password", password_page),
+    ("POST", "/account/password", change_password),
     ("GET", "/", index),
     ("GET", "/login", login_page),
     ("POST", "/login", login),

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -659,3 +660,121 @@ def test_reads_of_patient_data_are_audited_chained_and_exported_safely(
     with app.store.read() as conn:
         verdict = audit_log.verify(conn)
     assert verdict.intact and verdict.rows == len(app.store.query("SELECT id FROM audit_log"))
+
+
+class _Browser:
+    """Another client of the same test server, with a cookie jar of its own."""
+
+    def __init__(self, client: TestClient[Any, Any]) -> None:
+        self._session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self._url = client.make_url
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self._session.get(self._url(path), **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self._session.post(self._url(path), **kw)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def test_account_controls_forced_change_disable_reset_and_tokens(
+    app_factory: Any, tmp_path: Path, clock: Any, ref_models: dict[str, Path]
+) -> None:
+    app = _agent(app_factory, tmp_path, clock, ref_models)
+    new_password = "violet staple 42 orbit"
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        root_csrf = await _login(client, "root")
+        hdr = {"X-CSRF-Token": root_csrf}
+        r = await client.post(
+            "/api/v1/users",
+            json={"username": "newrad", "role": "radiologist", "password": "Password2026!"},
+            headers=hdr,
+        )
+        assert r.status == 400 and "too easy" in (await _json(r))["error"]["message"]
+        r = await client.post(
+            "/api/v1/users",
+            json={"username": "newrad", "role": "radiologist", "password": PASSWORD},
+            headers=hdr,
+        )
+        assert r.status == 201
+        r = await client.post(
+            "/api/v1/tokens", json={"name": "ris", "username": "rad", "ttl_days": 1}, headers=hdr
+        )
+        token = (await _json(r))["token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+
+        # the new radiologist must choose a password before anything else
+        other = _Browser(client)  # a second browser, with cookies of its own
+        try:
+            r = await other.post(
+                "/login", data={"username": "newrad", "password": PASSWORD}, allow_redirects=False
+            )
+            assert r.status == 302 and r.headers["Location"] == "/account/password"
+            r = await other.get("/worklist", allow_redirects=False)
+            assert r.status == 302 and r.headers["Location"] == "/account/password"
+            r = await other.get("/api/v1/studies")
+            assert r.status == 403
+            assert (await _json(r))["error"]["code"] == "password_change_required"
+            page = await (await other.get("/account/password")).text()
+            assert 'id="password-forced"' in page
+            csrf = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+            form = {"csrf_token": csrf, "current": PASSWORD, "new": new_password}
+            r = await other.post("/account/password", data={**form, "again": "typo"})
+            assert r.status == 400 and "differ" in await r.text()
+            r = await other.post("/account/password", data={**form, "again": new_password})
+            assert r.status == 200 and 'id="password-done"' in await r.text()
+            assert (await other.get("/api/v1/studies")).status == 200
+            # the admin disables the account: its session ends at once
+            r = await client.post("/api/v1/users/newrad/disable", headers=hdr)
+            assert r.status == 200 and (await _json(r))["sessions_ended"] == 1
+            assert (await other.get("/api/v1/studies")).status == 401
+            r = await other.post("/login", data={"username": "newrad", "password": new_password})
+            assert r.status == 401
+            assert (await client.post("/api/v1/users/newrad/enable", headers=hdr)).status == 200
+            # an admin's reset forces a change again
+            r = await client.post(
+                "/api/v1/users/newrad/password", json={"password": PASSWORD}, headers=hdr
+            )
+            assert r.status == 200
+            r = await other.post(
+                "/login", data={"username": "newrad", "password": PASSWORD}, allow_redirects=False
+            )
+            assert r.headers["Location"] == "/account/password"
+        finally:
+            await other.close()
+        assert (await client.post("/api/v1/users/nobody/disable", headers=hdr)).status == 404
+
+        # API tokens: listed without secrets, expire, are revoked
+        listed = (await _json(await client.get("/api/v1/tokens")))["tokens"]
+        assert [t["name"] for t in listed] == ["ris"] and "token" not in listed[0]
+        assert (await client.get("/api/v1/studies", headers=bearer)).status == 200
+        clock.advance(86401)
+        r = await client.get("/api/v1/studies", headers=bearer)
+        assert r.status == 401 and "expired" in (await _json(r))["error"]["message"]
+        hdr = {"X-CSRF-Token": await _login(client, "root")}  # its session expired too
+        r = await client.post(
+            "/api/v1/tokens", json={"name": "ris2", "username": "rad"}, headers=hdr
+        )
+        bearer = {"Authorization": f"Bearer {(await _json(r))['token']}"}
+        assert (await client.get("/api/v1/studies", headers=bearer)).status == 200
+        assert (await client.post("/api/v1/tokens/ris2/revoke", headers=hdr)).status == 200
+        assert (await client.get("/api/v1/studies", headers=bearer)).status == 401
+        r = await client.post("/api/v1/account/password", json={}, headers=bearer)
+        assert r.status == 401
+
+    _run(app, body)
+    actions = [r["action"] for r in app.store.query("SELECT action FROM audit_log")]
+    for expected in (
+        "user.create",
+        "password.change_failed",
+        "password.change",
+        "user.disable",
+        "user.enable",
+        "user.password",
+        "token.create",
+        "token.revoke",
+    ):
+        assert expected in actions, expected
