@@ -32,7 +32,8 @@ KNOWN_CIRCLES: dict[frozenset[str], str] = {
 SQL_ALLOWED: dict[str, str] = {
     "edge_agent/sync/outbox.py": "the outbox table's own module (enqueue, batches, receipts)",
     "edge_agent/sync/state.py": "the sync_state table's own module (HLC, cursors)",
-    "edge_agent/web/accounts.py": "the account store (users, sessions, tokens, audit log)",
+    "edge_agent/web/accounts.py": "the account store (users, sessions, tokens)",
+    "edge_agent/audit.py": "the audit_log table's own module (rows and their hash chain)",
     "edge_agent/inference/registry.py": "the model_versions table's own module",
     "edge_agent/results/forward.py": "the forwards queue's own module",
     "edge_agent/lifecycle/tiers.py": "moves instance rows with their files (one transaction)",
