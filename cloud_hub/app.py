@@ -159,6 +159,12 @@ def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings, whatever characters ``given`` holds (a
+    non-ASCII token was a TypeError, so a 500)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
 def _bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -513,7 +519,7 @@ async def model_status(request: web.Request) -> web.Response:
 
 async def fleet(request: web.Request) -> web.Response:
     ops = request.app[CONFIG].ops_token
-    if not ops or not hmac.compare_digest(_bearer(request), ops):
+    if not ops or not _same(_bearer(request), ops):
         raise AuthError("the fleet view needs the ops token")
     rows = await offload(request.app, request.app[STORE].list_sites)
     for r in rows:
@@ -534,7 +540,7 @@ def _ops_basic(request: web.Request) -> bool:
     except (binascii.Error, UnicodeDecodeError):
         return False
     ops = request.app[CONFIG].ops_token
-    return bool(ops) and hmac.compare_digest(password, ops)
+    return bool(ops) and _same(password, ops)
 
 
 def _counts(counts: object) -> str:
@@ -624,7 +630,7 @@ def _ops_bearer(request: web.Request, *also: str) -> bool:
         given = _bearer(request)
     except AuthError:
         return False
-    return any(t and hmac.compare_digest(given, t) for t in (request.app[CONFIG].ops_token, *also))
+    return any(t and _same(given, t) for t in (request.app[CONFIG].ops_token, *also))
 
 
 async def metrics(request: web.Request) -> web.Response:

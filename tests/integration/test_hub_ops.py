@@ -269,3 +269,14 @@ def test_pool_settings_are_checked(field: str) -> None:
         HubConfig(**{field: -1})
     assert HubConfig().threads == HubConfig().pool_limit == 10
     assert HubConfig(worker_threads=3).threads == 3
+
+
+def test_non_ascii_tokens_are_refused_not_a_500(hub_db_url: str, tmp_path: Path) -> None:
+    async def go() -> None:
+        async with hub_app(config(hub_db_url, tmp_path)) as (client, _):
+            for path in ("/v1/fleet", "/metrics"):
+                for token in ("ops-sécret", "\u043e\u0440s-secret", OPS + "\u00e9"):
+                    r = await client.get(path, headers={"Authorization": f"Bearer {token}"})
+                    assert r.status == 401, (path, token, r.status)
+
+    asyncio.run(go())

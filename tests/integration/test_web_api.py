@@ -778,3 +778,27 @@ def test_account_controls_forced_change_disable_reset_and_tokens(
         "token.revoke",
     ):
         assert expected in actions, expected
+
+
+def test_security_headers_and_non_ascii_csrf_tokens(
+    app_factory: Any, tmp_path: Path, clock: Any
+) -> None:
+    app = app_factory(make_config(tmp_path))
+    app.accounts.add_user("rad", "radiologist", PASSWORD, now=clock.now())
+
+    async def body(client: TestClient[Any, Any], app: Any) -> None:
+        await _login(client, "rad")
+        page = await client.get("/worklist")
+        csp = page.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "<script>" not in await page.text()  # nothing inline for the CSP to allow
+        assert "Strict-Transport-Security" not in page.headers  # plain HTTP: not sent
+        for bad in ("jeton-\u00e9", "\u0442\u043e\u043a\u0435\u043d"):
+            r = await client.post("/logout", data={"csrf_token": bad}, allow_redirects=False)
+            assert r.status == 403, bad
+            r = await client.post(
+                "/api/v1/account/password", json={}, headers={"X-CSRF-Token": bad}
+            )
+            assert r.status == 403, bad
+
+    _run(app, body)

@@ -29,6 +29,7 @@ function fmtTime(ts) {
 }
 
 function startWorklist(refreshMs) {
+  document.getElementById("filters").addEventListener("submit", (e) => e.preventDefault());
   const body = document.querySelector("#worklist tbody");
   const q = document.getElementById("q"), state = document.getElementById("state");
   const critical = document.getElementById("critical");
@@ -179,3 +180,15 @@ async function startConflicts() {
   }
   load();
 }
+
+// The page names what to start in <body data-start>: no inline script, so the
+// Content-Security-Policy can forbid them all.
+(function start() {
+  const d = document.body.dataset;
+  const pages = {
+    worklist: () => startWorklist(Number(d.refreshMs) || 5000),
+    study: () => startStudy(),
+    conflicts: () => startConflicts(),
+  };
+  if (pages[d.start]) pages[d.start]();
+})();
