@@ -478,7 +478,7 @@ def test_conflict_queue_is_resolvable_from_the_ui_api(
                     assert queue[0]["edge_payload"] == {"verdict": "reject"}
                     assert queue[0]["cloud_payload"] == {"verdict": "accept"}
                     page = await (await client.get("/conflicts")).text()
-                    assert "startConflicts()" in page
+                    assert 'data-start="conflicts"' in page
                     path = f"/api/v1/conflicts/{queue[0]['id']}/resolve"
                     r = await client.post(
                         path, json={"take": "sideways"}, headers={"X-CSRF-Token": csrf}
