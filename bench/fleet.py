@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud_hub.store import HubStore, connect
 from edge_agent.sync.client import Credential, HttpHubClient, HubUnavailable, enroll
 from hub_protocol import HLC, Lane, PushBatch, Record, RecordType
-from tests.conftest import free_port
+from tests.conftest import free_port, start_replica
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -95,24 +95,7 @@ def start_replicas(db: str, n: int, tmp: Path) -> dict[int, subprocess.Popen[byt
     procs = {}
     for _ in range(n):
         port = free_port()
-        procs[port] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloud_hub",
-                "run",
-                "--database-url",
-                db,
-                "--port",
-                str(port),
-                "--artifact-dir",
-                str(tmp / "artifacts"),
-                "--archive-dir",
-                str(tmp / "archive"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        procs[port] = start_replica(db, port, tmp)
     for port in procs:
         deadline = time.monotonic() + 60
         while True:

@@ -389,6 +389,34 @@ def start_hub(
     return start(db, port, log, artifact_dir)
 
 
+def start_replica(
+    db: str, port: int, tmp: Path, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """One hub replica (``cloud-hub run``) on database URL ``db`` and ``port``, with its
+    blob folders under ``tmp``; output appended to ``log`` (discarded without one). Does
+    not wait for it to answer."""
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "cloud_hub",
+        "run",
+        "--database-url",
+        db,
+        "--port",
+        str(port),
+        "--artifact-dir",
+        str(tmp / "artifacts"),
+        "--archive-dir",
+        str(tmp / "archive"),
+    ]
+    if log is None:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+
+
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for "localhost" and 127.0.0.1, and its key (PEM files)."""
     import datetime

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,33 +28,11 @@ from edge_agent.sync.client import (
     enroll,
 )
 from hub_protocol import HLC, Lane, PushBatch, ReceiptStatus, Record, RecordType
-from tests.conftest import PostgresServer, free_port, fresh_database
+from tests.conftest import PostgresServer, free_port, fresh_database, start_replica
 
 pytestmark = pytest.mark.slow
 
 SITES, REPLICAS, RUN_S, BATCH = 30, 3, 24.0, 10
-
-
-def start_replica(db: str, port: int, tmp: Path) -> subprocess.Popen[bytes]:
-    with (tmp / f"hub-{port}.log").open("ab") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloud_hub",
-                "run",
-                "--database-url",
-                db,
-                "--port",
-                str(port),
-                "--artifact-dir",
-                str(tmp / "artifacts"),
-                "--archive-dir",
-                str(tmp / "archive"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def wait_ready(procs: dict[int, subprocess.Popen[bytes]], timeout: float = 60) -> None:
@@ -76,7 +53,8 @@ def test_a_fleet_through_replica_kills_and_a_database_restart(
 ) -> None:
     db = fresh_database(postgres_server.url)
     ports = [free_port() for _ in range(REPLICAS)]
-    procs = {p: start_replica(db, p, tmp_path) for p in ports}  # all at the same moment
+    # all at the same moment
+    procs = {p: start_replica(db, p, tmp_path, tmp_path / f"hub-{p}.log") for p in ports}
     store = HubStore(connect(db))
     try:
         wait_ready(procs)
@@ -177,7 +155,7 @@ def test_a_fleet_through_replica_kills_and_a_database_restart(
             procs[victim].send_signal(signal.SIGKILL)
             procs[victim].wait()
             time.sleep(1.0)
-            procs[victim] = start_replica(db, victim, tmp_path)
+            procs[victim] = start_replica(db, victim, tmp_path, tmp_path / f"hub-{victim}.log")
             time.sleep(RUN_S / 4)
             postgres_server.restart()
 
